@@ -1,0 +1,1 @@
+"""Models and decoding: GGUF weights, the ONNX graph, ONNX Runtime sessions, tokenizers."""

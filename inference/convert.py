@@ -1,0 +1,77 @@
+"""GGUF -> ONNX conversion, cached by GGUF hash, converter version and quantization."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import gguf
+import onnx
+from tqdm import tqdm
+
+from inference.config import ModelConfig, config_from_gguf
+from inference.graph import build_graph
+from inference.quantize import Quantization, quantize_model
+from inference.tokenizer import gguf_tokenizer_fields, tokenizer_from_metadata
+from inference.weights import embedding, head, iter_layers
+
+CONVERTER_VERSION = "1"
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def converted_dir(cache: Path, gguf_sha256: str, scheme: Quantization) -> Path:
+    return cache / "converted" / f"{gguf_sha256[:16]}-v{CONVERTER_VERSION}-{scheme.name}"
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    return ModelConfig(**json.loads((model_dir / CONFIG_FILE).read_text())["config"])
+
+
+def convert(gguf_path: Path, out_dir: Path, scheme: Quantization, *, gguf_sha256: str,
+            progress: bool = True) -> Path:
+    """Write model.onnx (+ external weights) and config.json into out_dir, atomically.
+
+    The directory appears only when complete, so an interrupted conversion never leaves a model
+    that loads but is wrong.
+    """
+    if (out_dir / CONFIG_FILE).exists():
+        return out_dir
+    reader = gguf.GGUFReader(gguf_path)
+    config = config_from_gguf(reader)
+    tokenizer_fields = gguf_tokenizer_fields(reader)
+    tokenizer_from_metadata(tokenizer_fields)  # refuse an unsupported tokenizer before the slow part
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        bar = tqdm(total=config.n_layers + 2, desc=f"converting to ONNX ({scheme.name})", unit="step",
+                   disable=not progress, leave=False)
+        emb = embedding(reader)
+        final_norm, lm_head = head(reader, config, emb)
+        bar.update(1)
+
+        def layers():
+            for layer in iter_layers(reader, config):
+                yield layer
+                bar.update(1)
+
+        model = quantize_model(build_graph(config, emb, layers(), final_norm, lm_head), scheme)
+        del emb, lm_head
+        onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True,
+                        location=MODEL_FILE + ".data", size_threshold=1024)
+        bar.update(1)
+        bar.close()
+        meta = {"config": asdict(config), "quantization": asdict(scheme), "gguf_sha256": gguf_sha256,
+                "converter_version": CONVERTER_VERSION}
+        (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer_fields))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

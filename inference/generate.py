@@ -1,0 +1,112 @@
+"""Greedy decoding of one completion: prefill, then one token per step, healing and stopping as it goes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.healing import TokenHealer
+from inference.prompt import Prompt
+from inference.runtime import Decoder
+from inference.tokenizer import CodeTokenizer
+
+PREFILL_CHUNK = 512  # bounds the [chunk, past + chunk] mask and lets callers interleave other work
+
+
+@dataclass
+class KVRows:
+    """The rows of one sequence: keys/values per layer [kv_heads, rows, head_dim]."""
+
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        self.keys = [np.concatenate([a, b], axis=1) for a, b in zip(self.keys, keys)]
+        self.values = [np.concatenate([a, b], axis=1) for a, b in zip(self.values, values)]
+
+
+@dataclass
+class Draft:
+    text: str
+    token_ids: list[int]
+    logprob: float  # sum over generated tokens
+
+    @property
+    def score(self) -> float:
+        """Mean log-probability per token: comparable across drafts of different lengths."""
+        return self.logprob / max(len(self.token_ids), 1)
+
+
+@dataclass
+class GenerationResult:
+    drafts: list[Draft]
+    timings: dict[str, float] = field(default_factory=dict)
+    prompt_tokens: int = 0
+
+
+def prefill(decoder: Decoder, ids: list[int], rows: KVRows | None = None) -> tuple[KVRows, np.ndarray]:
+    """Encode ids after `rows` in chunks; returns the rows and the logits of the last id."""
+    rows = rows or KVRows(*decoder.empty_past())
+    logits = np.empty(0, dtype=np.float32)
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int64)
+        pos = np.arange(rows.length, rows.length + len(chunk))
+        out = decoder.forward(chunk, pos, rows.keys, rows.values)
+        rows.append(out.keys, out.values)
+        logits = out.logits[-1]
+    return rows, logits
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def _line_done(text: str) -> bool:
+    """Single-line policy: leading newlines are allowed (cursor at a line's end), the next one ends it."""
+    stripped = text.lstrip("\r\n")
+    return "\n" in stripped and stripped[: stripped.index("\n")].strip() != ""
+
+
+def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
+                    single_line: bool = True, healer: TokenHealer | None = None) -> GenerationResult:
+    t0 = time.perf_counter()
+    rows, logits = prefill(decoder, prompt.ids)
+    t1 = time.perf_counter()
+    token_bytes = tokenizer.token_bytes()
+    stop = tokenizer.specials.stop
+    pending = prompt.healed
+    healer = healer or (TokenHealer(token_bytes, stop) if pending else None)
+    out_ids: list[int] = []
+    logprob = 0.0
+    text_bytes = b""
+    while len(out_ids) < max_tokens:
+        logp = _log_softmax(logits + healer.mask(pending) if pending else logits)
+        token = int(np.argmax(logp))
+        if token in stop:
+            break
+        if pending:
+            pending = healer.consume(pending, token)
+        else:
+            logprob += float(logp[token])
+        out_ids.append(token)
+        text_bytes += token_bytes[token]
+        if single_line and _line_done(text_bytes[len(prompt.healed):].decode("utf-8", "replace")):
+            break
+        out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
+        rows.append(out.keys, out.values)
+        logits = out.logits[-1]
+    t2 = time.perf_counter()
+    text = text_bytes[len(prompt.healed):].decode("utf-8", "replace")
+    if single_line:
+        lead = len(text) - len(text.lstrip("\r\n"))
+        cut = text.find("\n", lead)
+        text = text if cut < 0 else text[:cut].rstrip("\r")
+    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids))}
+    return GenerationResult([Draft(text, out_ids, logprob)], timings, len(prompt.ids))

@@ -1,0 +1,205 @@
+"""Build the decoder as a plain-ops ONNX graph that leaves the KV cache entirely to the caller.
+
+Inputs (batch B, new tokens S, past rows P, mixture width M, requested logits N):
+  input_ids       int64 [B, S, M]   token ids; M > 1 mixes embeddings (superposed decoding), M = 1 is plain
+  input_weights   float [B, S, M]   mixture weights (1.0 for plain decoding)
+  position_ids    int64 [B, S]      explicit RoPE positions (PIE, tree verification: depth)
+  attention_bias  float [B, 1, S, P+S]  additive mask over past + new rows: causal, tree or any pattern
+  logits_index    int64 [N]         which of the S positions need logits (the lm_head is the costliest matmul)
+  past_key.{i}    float [B, kv, P, hd]  keys after RoPE
+  past_value.{i}  float [B, kv, P, hd]
+Outputs:
+  logits          float [B, N, vocab]
+  new_key.{i}     float [B, kv, S, hd]  keys of the S new rows, after RoPE
+  new_value.{i}   float [B, kv, S, hd]
+Only the new rows come back: the caller owns the cache and decides which rows survive (accepted drafts,
+edits). Attention runs over Concat(past, new) in one MatMul per side: scoring the two parts separately
+avoids that copy but splits the sums at the chunk boundary, and with int8 activations that float noise
+flips roundings; the single-MatMul form is bit-identical however the sequence is chunked (measured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from inference.config import ModelConfig
+from inference.rope import inverse_frequencies
+from inference.weights import LayerWeights
+
+OPSET = 21
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key.{layer}"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_value.{layer}"
+
+
+def new_key_name(layer: int) -> str:
+    return f"new_key.{layer}"
+
+
+def new_value_name(layer: int) -> str:
+    return f"new_value.{layer}"
+
+
+class _GraphBuilder:
+    """Appends nodes with unique output names; constants become initializers."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, inputs: Iterable[str], name: str = "", **attrs: object) -> str:
+        self._count += 1
+        out = f"{name or op_type.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def op_multi(self, op_type: str, inputs: Iterable[str], n_out: int, **attrs: object) -> list[str]:
+        self._count += 1
+        outs = [f"{op_type.lower()}_{self._count}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
+        return outs
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def ints(self, name: str, values: list[int]) -> str:
+        return self.const(name, np.array(values, dtype=np.int64))
+
+    def rename(self, value: str, name: str) -> None:
+        """Expose an intermediate value under a graph-output name."""
+        self.nodes.append(helper.make_node("Identity", [value], [name], name=f"out_{name}"))
+
+
+def _rms_norm(b: _GraphBuilder, x: str, weight: str, eps: str) -> str:
+    var = b.op("ReduceMean", [b.op("Mul", [x, x]), "axis_last"], keepdims=1)
+    return b.op("Mul", [b.op("Div", [x, b.op("Sqrt", [b.op("Add", [var, eps])])]), weight], name="rmsnorm")
+
+
+def _rotate(b: _GraphBuilder, x: str, cos: str, sin: str) -> str:
+    """x * cos + rotate_half(x) * sin, x: [B, heads, S, hd]."""
+    lo, hi = b.op_multi("Split", [x, "half_split"], 2, axis=-1)
+    rotated = b.op("Concat", [b.op("Neg", [hi]), lo], axis=-1)
+    return b.op("Add", [b.op("Mul", [x, cos]), b.op("Mul", [rotated, sin])], name="rope")
+
+
+def _heads(b: _GraphBuilder, x: str, shape: str) -> str:
+    """[B, S, heads*hd] -> [B, heads, S, hd]."""
+    return b.op("Transpose", [b.op("Reshape", [x, shape])], perm=[0, 2, 1, 3])
+
+
+def _layer(b: _GraphBuilder, cfg: ModelConfig, i: int, w: LayerWeights, x: str, cos: str, sin: str) -> str:
+    p = f"blk.{i}."
+    hd, kvh, g = cfg.head_dim, cfg.n_kv_heads, cfg.group_size
+
+    def proj(h: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+        y = b.op("MatMul", [h, b.const(p + name + ".weight", weight)], name=name)
+        return b.op("Add", [y, b.const(p + name + ".bias", bias)]) if bias is not None else y
+
+    h = _rms_norm(b, x, b.const(p + "attn_norm", w.attn_norm), "rms_eps")
+    q = _rotate(b, _heads(b, proj(h, "q", w.wq, w.bq), "shape_q_heads"), cos, sin)  # [B, H, S, hd]
+    k = _rotate(b, _heads(b, proj(h, "k", w.wk, w.bk), "shape_kv_heads"), cos, sin)  # [B, kv, S, hd]
+    v = _heads(b, proj(h, "v", w.wv, w.bv), "shape_kv_heads")
+    b.rename(k, new_key_name(i))
+    b.rename(v, new_value_name(i))
+
+    # Grouped-query attention without repeating K/V: query heads of a group become extra rows.
+    qg = b.op("Reshape", [b.op("Mul", [q, "attn_scale"]), "shape_group_rows"])  # [B, kv, G*S, hd]
+    keys = b.op("Concat", [past_key_name(i), k], axis=2)  # [B, kv, P+S, hd]
+    values = b.op("Concat", [past_value_name(i), v], axis=2)
+    scores = b.op("MatMul", [qg, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # [B, kv, G*S, P+S]
+    scores = b.op("Add", [b.op("Reshape", [scores, "shape_group_scores"]), "bias_5d"])  # [B, kv, G, S, P+S]
+    probs = b.op("Reshape", [b.op("Softmax", [scores], axis=-1), "shape_group_probs"])  # [B, kv, G*S, P+S]
+    attn = b.op("MatMul", [probs, values])
+    attn = b.op("Reshape", [attn, "shape_split_groups"])  # [B, H, S, hd]
+    attn = b.op("Reshape", [b.op("Transpose", [attn], perm=[0, 2, 1, 3]), "shape_merge_heads"])
+    x = b.op("Add", [x, proj(attn, "o", w.wo, None)], name="residual")
+
+    h = _rms_norm(b, x, b.const(p + "ffn_norm", w.ffn_norm), "rms_eps")
+    gate = proj(h, "gate", w.w_gate, None)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), proj(h, "up", w.w_up, None)])
+    return b.op("Add", [x, proj(act, "down", w.w_down, None)], name="residual")
+
+
+def _shape_constants(b: _GraphBuilder, cfg: ModelConfig) -> None:
+    """Dynamic shapes computed once from the inputs and shared by every layer."""
+    hd, kvh, g = cfg.head_dim, cfg.n_kv_heads, cfg.group_size
+    b.ints("axis_last", [-1])
+    b.ints("half_split", [hd // 2, hd // 2])
+    b.const("rms_eps", np.array(cfg.rms_eps, dtype=np.float32))
+    b.const("attn_scale", np.array(1.0 / np.sqrt(hd), dtype=np.float32))
+    b.ints("shape_group_rows", [0, kvh, -1, hd])
+    b.ints("shape_merge_heads", [0, 0, cfg.n_heads * hd])
+    b.ints("shape_q_heads", [0, 0, cfg.n_heads, hd])
+    b.ints("shape_kv_heads", [0, 0, kvh, hd])
+    b.ints("shape_split_groups", [0, cfg.n_heads, -1, hd])
+    shape = b.op("Shape", ["attention_bias"])  # [B, 1, S, P+S]
+    total = b.op("Slice", [shape, b.ints("three_1d", [3]), b.ints("four_1d", [4])])
+    seq = b.op("Slice", [b.op("Shape", ["position_ids"]), b.ints("one_1d", [1]), b.ints("two_1d", [2])])
+    b.nodes.append(
+        helper.make_node(
+            "Concat", [b.ints("prefix_group_scores", [0, kvh, g]), seq, total], ["shape_group_scores"], axis=0, name="sgs"
+        )
+    )
+    b.nodes.append(
+        helper.make_node("Concat", [b.ints("prefix_group_probs", [0, kvh, -1]), total], ["shape_group_probs"], axis=0,
+                         name="sgp")
+    )
+    b.nodes.append(helper.make_node("Unsqueeze", ["attention_bias", "one_1d"], ["bias_5d"], name="bias5d"))
+
+
+def build_graph(cfg: ModelConfig, embedding: np.ndarray, layers: Iterable[LayerWeights],
+                final_norm: np.ndarray, lm_head: np.ndarray) -> onnx.ModelProto:
+    """Assemble the model; `layers` may be a generator so only one block is dequantized at a time."""
+    b = _GraphBuilder()
+    _shape_constants(b, cfg)
+    hd, kvh = cfg.head_dim, cfg.n_kv_heads
+
+    # Embedding mixture: sum_m w[m] * E[id[m]]  ->  [B, S, d]
+    emb = b.op("Gather", [b.const("token_embd", embedding), "input_ids"], axis=0)  # [B, S, M, d]
+    mixed = b.op("Mul", [emb, b.op("Unsqueeze", ["input_weights", "axis_last"])])
+    x = b.op("ReduceSum", [mixed, b.ints("two_axis", [2])], keepdims=0)
+
+    # RoPE tables from explicit positions: [B, 1, S, hd]
+    pos = b.op("Cast", [b.op("Unsqueeze", ["position_ids", "axis_last"])], to=TensorProto.FLOAT)
+    angles = b.op("Mul", [pos, b.const("rope_inv_freq", inverse_frequencies(hd, cfg.rope_theta))])
+    angles = b.op("Unsqueeze", [b.op("Concat", [angles, angles], axis=-1), "one_1d"])
+    cos, sin = b.op("Cos", [angles]), b.op("Sin", [angles])
+
+    for i, layer in enumerate(layers):
+        x = _layer(b, cfg, i, layer, x, cos, sin)
+
+    picked = b.op("Gather", [x, "logits_index"], axis=1)  # [B, N, d]
+    normed = _rms_norm(b, picked, b.const("output_norm", final_norm), "rms_eps")
+    b.nodes.append(helper.make_node("MatMul", [normed, b.const("lm_head", lm_head)], ["logits"], name="lm_head"))
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv_shape = ["batch", kvh, "past", hd]
+    new_shape = ["batch", kvh, "seq", hd]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq", "mix"]),
+        helper.make_tensor_value_info("input_weights", f32, ["batch", "seq", "mix"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_bias", f32, ["batch", 1, "seq", "total"]),
+        helper.make_tensor_value_info("logits_index", i64, ["n_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "n_logits", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        inputs += [helper.make_tensor_value_info(past_key_name(i), f32, kv_shape),
+                   helper.make_tensor_value_info(past_value_name(i), f32, kv_shape)]
+        outputs += [helper.make_tensor_value_info(new_key_name(i), f32, new_shape),
+                    helper.make_tensor_value_info(new_value_name(i), f32, new_shape)]
+    graph = helper.make_graph(b.nodes, "superpie_decoder", inputs, outputs, b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="superpie")
+    model.ir_version = 10
+    return model

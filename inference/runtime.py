@@ -1,0 +1,98 @@
+"""ONNX Runtime session for the decoder graph: one forward over new tokens against caller-owned past rows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from inference.config import ModelConfig
+from inference.graph import new_key_name, new_value_name, past_key_name, past_value_name
+
+NEG_INF = np.float32(-1e9)  # additive mask value; finite so a fully masked row cannot produce NaN
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # [n_logits, vocab]
+    keys: list[np.ndarray]  # per layer [kv_heads, seq, head_dim], after RoPE
+    values: list[np.ndarray]
+
+
+def causal_bias(past: int, seq: int) -> np.ndarray:
+    """[seq, past + seq] additive mask: every new token sees the whole past and the new tokens before it."""
+    bias = np.zeros((seq, past + seq), dtype=np.float32)
+    bias[:, past:][np.triu_indices(seq, k=1)] = NEG_INF
+    return bias
+
+
+def available_providers(device: str) -> list[str]:
+    """'cpu' or 'cuda'; CUDA falls back to CPU only when asked for 'auto'."""
+    have = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in have:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return ["CPUExecutionProvider"]
+    raise RuntimeError(f"execution provider for {device!r} is not available (ONNX Runtime has {have})")
+
+
+class Decoder:
+    """Runs the graph; knows nothing about buffers, edits or decoding strategies."""
+
+    def __init__(self, model_path: Path, config: ModelConfig, *, threads: int | None = None,
+                 device: str = "cpu") -> None:
+        self.config = config
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or int(os.environ.get("SUPERPIE_THREADS", "2"))
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(model_path), options, providers=available_providers(device))
+        self.providers = self.session.get_providers()
+        self._outputs = ["logits"] + [n for i in range(config.n_layers) for n in (new_key_name(i), new_value_name(i))]
+        kv, hd = config.n_kv_heads, config.head_dim
+        self._empty = np.zeros((1, kv, 0, hd), dtype=np.float32)
+
+    def empty_past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        n = self.config.n_layers
+        return [self._empty[0]] * n, [self._empty[0]] * n
+
+    def forward(
+        self,
+        ids: np.ndarray,  # [seq] or [seq, mix]
+        positions: np.ndarray,  # [seq]
+        past_keys: list[np.ndarray],  # per layer [kv, past, hd]
+        past_values: list[np.ndarray],
+        *,
+        mix_weights: np.ndarray | None = None,  # [seq, mix]
+        bias: np.ndarray | None = None,  # [seq, past + seq]; causal when None
+        logits_index: np.ndarray | None = None,  # default: the last position only
+    ) -> StepOutput:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[:, None]
+        seq = ids.shape[0]
+        past = past_keys[0].shape[1]
+        if mix_weights is None:
+            mix_weights = np.ones(ids.shape, dtype=np.float32)
+        if bias is None:
+            bias = causal_bias(past, seq)
+        if logits_index is None:
+            logits_index = np.array([seq - 1], dtype=np.int64)
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": ids[None],
+            "input_weights": np.asarray(mix_weights, dtype=np.float32)[None],
+            "position_ids": np.asarray(positions, dtype=np.int64)[None],
+            "attention_bias": np.asarray(bias, dtype=np.float32)[None, None],
+            "logits_index": np.asarray(logits_index, dtype=np.int64),
+        }
+        for i, (k, v) in enumerate(zip(past_keys, past_values)):
+            feeds[past_key_name(i)] = np.ascontiguousarray(k)[None]
+            feeds[past_value_name(i)] = np.ascontiguousarray(v)[None]
+        out = self.session.run(self._outputs, feeds)
+        return StepOutput(logits=out[0][0], keys=[a[0] for a in out[1::2]], values=[a[0] for a in out[2::2]])

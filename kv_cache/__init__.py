@@ -1,0 +1,1 @@
+"""Per-buffer KV caches that follow edits."""

@@ -1,0 +1,119 @@
+"""The `superpie` command line: complete at a position, manage models, run benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inference.config import UnsupportedModel
+from inference.fetch import ModelFetchError, cache_root, cached_gguf
+from inference.generate import greedy_complete
+from inference.model_store import load_model, prepare_model
+from inference.prompt import fim_prompt
+from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
+from inference.registry import DEFAULT_MODEL, MODELS, get_model
+from inference.tokenizer import UnsupportedTokenizer
+from lsp_server.cursor import InputError, parse_location, read_source, split_at
+
+USER_ERRORS = (InputError, ModelFetchError, UnsupportedModel, UnsupportedTokenizer, LookupError)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"registry name ({', '.join(MODELS)}) or path to a llama/qwen2 .gguf file")
+    parser.add_argument("--quantization", default=DEFAULT_QUANTIZATION, choices=sorted(QUANTIZATIONS))
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    path, line, column = parse_location(args.location)
+    cursor = split_at(read_source(path), line, column)  # validate input before the slow model load
+    model = load_model(args.model, args.quantization, cache=args.cache_dir, progress=not args.quiet,
+                       threads=args.threads, device=args.device)
+    prompt = fim_prompt(model.tokenizer, cursor.prefix, cursor.suffix)
+    result = greedy_complete(model.decoder, model.tokenizer, prompt, max_tokens=args.max_tokens,
+                             single_line=not args.multi_line)
+    if args.json:
+        timings = {**model.timings, **result.timings, "prompt_tokens": result.prompt_tokens}
+        print(json.dumps({"drafts": [{"text": d.text, "score": d.score} for d in result.drafts],
+                          "timings": timings}))
+    else:
+        print(result.drafts[0].text)
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name, spec in MODELS.items():
+            state = "cached" if cached_gguf(spec, args.cache_dir) else "not fetched"
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            print(f"{name}{default}\t{spec.architecture}\t{spec.gguf_size / 1e6:.0f} MB\t{state}\t{spec.description}")
+        return 0
+    if args.action == "fetch":
+        model_dir = prepare_model(args.name, args.quantization, cache=args.cache_dir, progress=not args.quiet)
+        print(model_dir)
+        return 0
+    spec = get_model(args.name)
+    cached = cached_gguf(spec, args.cache_dir)
+    print(json.dumps({
+        "name": spec.name, "description": spec.description, "architecture": spec.architecture,
+        "gguf_sha256": spec.gguf_sha256, "gguf_size": spec.gguf_size,
+        "packages": [f"{p.package}=={p.version}" for p in spec.parts],
+        "cached_gguf": str(cached) if cached else None,
+    }, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.engine import run_engine_bench
+
+    run_engine_bench(args.model, json_out=args.json_out, cache=args.cache_dir, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="superpie", description="Local, private AI code completion.")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"model cache (default: $SUPERPIE_CACHE or {cache_root()})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    complete = sub.add_parser("complete", help="print a completion at FILE:LINE:COL (1-based)")
+    complete.add_argument("location", metavar="FILE:LINE:COL")
+    complete.add_argument("--max-tokens", type=int, default=64)
+    complete.add_argument("--multi-line", action="store_true", help="do not stop at the end of the line")
+    complete.add_argument("--json", action="store_true", help='print {"drafts": [...], "timings": {...}}')
+    _model_options(complete)
+    complete.set_defaults(func=cmd_complete)
+
+    model = sub.add_parser("model", help="list, inspect or fetch models")
+    model.add_argument("action", choices=["list", "info", "fetch"])
+    model.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    model.add_argument("--quantization", default=DEFAULT_QUANTIZATION, choices=sorted(QUANTIZATIONS))
+    model.set_defaults(func=cmd_model)
+
+    bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
+    bench.add_argument("suite", choices=["engine"])
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
+    bench.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (smoke test)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"superpie: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
