@@ -70,7 +70,12 @@ def convert(gguf_path: Path, out_dir: Path, scheme: Quantization, *, gguf_sha256
                 "converter_version": CONVERTER_VERSION}
         (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer_fields))
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / CONFIG_FILE).exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

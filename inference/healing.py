@@ -25,10 +25,17 @@ class TokenHealer:
         self.vocab_size = len(token_bytes)
 
     def allowed(self, pending: bytes) -> np.ndarray:
-        """Ids whose bytes start with `pending` or are a proper prefix of it."""
+        """Ids whose bytes start with `pending` or are a proper prefix of it.
+
+        Whitespace the user typed is a decision (indentation): a token may not extend it with more
+        whitespace, or the model re-indents the line to its own liking (measured on real edits).
+        """
         lo = bisect.bisect_left(self._sorted, pending)
         hi = bisect.bisect_left(self._sorted, pending + b"\xff" * 8)
         longer = self._ids[lo:hi]
+        if pending.isspace():
+            n = len(pending)
+            longer = longer[[not self._sorted[j][n:n + 1].isspace() for j in range(lo, hi)]]
         shorter = [self._by_bytes[pending[:n]] for n in range(1, len(pending)) if pending[:n] in self._by_bytes]
         return np.concatenate([longer, np.array(shorter, dtype=np.int64)])
 

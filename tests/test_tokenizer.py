@@ -1,7 +1,7 @@
 """Tokenizers rebuilt from GGUF metadata: lossless, marker-safe, and faithful to the real vocabularies.
 
-Real-model tests need SUPERPIE_TEST_QWEN_GGUF / SUPERPIE_TEST_SMOLLM_GGUF (paths to the GGUF
-files) and are skipped without them; the tiny trained vocabulary always runs.
+Real tokenizers come from the registry models in the model cache (fetched once), or from the GGUF
+files named by SUPERPIE_TEST_QWEN_GGUF / SUPERPIE_TEST_SMOLLM_GGUF.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, normalizers
 
+from inference.fetch import cache_root, resolve_gguf
 from inference.tokenizer import (
     CodeTokenizer,
     SpecialTokens,
@@ -59,21 +60,20 @@ def _write_gguf(path: Path, metadata: dict[str, gguf.GGUFValue]) -> gguf.GGUFRea
     return gguf.GGUFReader(path)
 
 
-def _reader_from_env(var: str) -> gguf.GGUFReader:
-    path = os.environ.get(var)
-    if not path:
-        pytest.skip(f"set {var} to a GGUF file to run this test")
+def _real_reader(var: str, model: str) -> gguf.GGUFReader:
+    """The GGUF named by `var`, else the registry model from the model cache (fetched once)."""
+    path = os.environ.get(var) or resolve_gguf(model, cache_root(), progress=False)
     return gguf.GGUFReader(path)
 
 
 @pytest.fixture(scope="module")
 def qwen_reader() -> gguf.GGUFReader:
-    return _reader_from_env("SUPERPIE_TEST_QWEN_GGUF")
+    return _real_reader("SUPERPIE_TEST_QWEN_GGUF", "qwen2.5-coder-0.5b")
 
 
 @pytest.fixture(scope="module")
 def smollm_reader() -> gguf.GGUFReader:
-    return _reader_from_env("SUPERPIE_TEST_SMOLLM_GGUF")
+    return _real_reader("SUPERPIE_TEST_SMOLLM_GGUF", "smollm2-135m")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,36 @@
+"""The engine benchmark end to end on the tiny model: both subprocesses run, the table prints, the JSON is complete."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.engine import run_engine_bench
+
+REQUIRED = ("decode_tok_s", "prefill_tok_s_256", "verify8_over_verify1", "peak_rss_mb", "load_s", "perplexity")
+
+
+def test_quick_engine_bench_writes_complete_json(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "engine.json"
+    run_engine_bench(str(tiny_gguf), json_out=out, cache=tiny_cache, quick=True)
+
+    summary = json.loads(out.read_text())
+    assert summary["quantization_default"] == "q8"
+    assert summary["machine"]["cpus"] > 0 and summary["machine"]["onnxruntime"]
+    for run in ("fp32", "default"):
+        for key in REQUIRED:
+            value = summary[run][key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (run, key, value)
+        assert "argmax" not in summary[run]  # per-position data stays out of the summary
+    assert summary["fp32"]["quantization"] == "fp32" and summary["default"]["quantization"] == "q8"
+    assert 0.0 <= summary["quality"]["top1_agreement"] <= 1.0
+    assert math.isfinite(summary["quality"]["perplexity_ratio"]) and summary["quality"]["perplexity_ratio"] > 0
+
+    printed = capfd.readouterr().out
+    assert "| metric | fp32 | q8 | q8/fp32 |" in printed
+    assert "| decode_tok_s |" in printed and "top1_agreement" in printed
+    assert str(out) in printed

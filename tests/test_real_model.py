@@ -1,0 +1,109 @@
+"""The real default model (Qwen2.5-Coder-0.5B): fetched, verified and converted on first use, then cached."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from inference.config import config_from_gguf
+from inference.fetch import cache_root, resolve_gguf
+from inference.generate import KVRows, greedy_complete, prefill
+from inference.prompt import fim_prompt
+from inference.reference import reference_forward
+from inference.registry import DEFAULT_MODEL
+from inference.runtime import causal_bias
+from inference.weights import load_weights
+
+pytestmark = pytest.mark.real_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+AVERAGE = '''def average(values: list[float]) -> float:
+    """Arithmetic mean of values."""
+    total = sum(values)
+    return 
+'''
+
+
+def _real_code_ids(model, n: int) -> list[int]:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    return model.tokenizer.encode(text)[:n]
+
+
+def test_greedy_tokens_match_numpy_reference_for_32_steps(real_model_fp32):
+    reader = gguf.GGUFReader(resolve_gguf(DEFAULT_MODEL, cache_root(), progress=False))
+    config = config_from_gguf(reader)
+    weights = load_weights(reader, config)
+    del reader
+    decoder = real_model_fp32.decoder
+    ids = _real_code_ids(real_model_fp32, 48)
+    rows, logits = prefill(decoder, ids)
+    past_k, past_v = decoder.empty_past()
+    n = len(ids)
+    ref_logits, ref_k, ref_v = reference_forward(weights, config, np.array(ids)[:, None], np.ones((n, 1), np.float32),
+                                                 np.arange(n), causal_bias(0, n), past_k, past_v, np.array([n - 1]))
+    ours, theirs = [], []
+    for step in range(32):
+        ours.append(int(np.argmax(logits)))
+        theirs.append(int(np.argmax(ref_logits[-1])))
+        token = ours[-1]
+        out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
+        rows.append(out.keys, out.values)
+        logits = out.logits[-1]
+        pos = n + step
+        ref_logits, new_k, new_v = reference_forward(
+            weights, config, np.array([[token]]), np.ones((1, 1), np.float32), np.array([pos]),
+            np.zeros((1, pos + 1), np.float32), ref_k, ref_v, np.array([0]))
+        ref_k = [np.concatenate([a, b], 1) for a, b in zip(ref_k, new_k)]
+        ref_v = [np.concatenate([a, b], 1) for a, b in zip(ref_v, new_v)]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("pieces", [2, 7])
+def test_default_quantization_is_chunk_invariant_on_real_code(real_model, pieces):
+    decoder = real_model.decoder
+    ids = np.array(_real_code_ids(real_model, 300))
+
+    def encode(n_pieces: int) -> np.ndarray:
+        rows, logits = KVRows(*decoder.empty_past()), []
+        for chunk in np.array_split(ids, n_pieces):
+            out = decoder.forward(chunk, np.arange(rows.length, rows.length + len(chunk)), rows.keys, rows.values,
+                                  logits_index=np.arange(len(chunk)))
+            rows.append(out.keys, out.values)
+            logits.append(out.logits)
+        return np.concatenate(logits)
+
+    whole, chunked = encode(1), encode(pieces)
+    assert np.abs(whole - chunked).max() < 1e-3
+    assert (whole.argmax(-1) == chunked.argmax(-1)).all()
+
+
+def test_completion_of_a_return_statement_is_sensible(real_model):
+    prompt = fim_prompt(real_model.tokenizer, AVERAGE.rstrip("\n"), "\n")
+    text = greedy_complete(real_model.decoder, real_model.tokenizer, prompt, max_tokens=16).drafts[0].text
+    assert "len(values)" in text and "total" in text
+
+
+def test_token_healing_avoids_the_extra_space_after_indentation(real_model):
+    prefix = "def fibonacci(n):\n    if n < 2:\n        return n\n    "
+    healed = fim_prompt(real_model.tokenizer, prefix, "\n")
+    text = greedy_complete(real_model.decoder, real_model.tokenizer, healed, max_tokens=16).drafts[0].text
+    assert text.strip() and not text[0].isspace()
+
+
+def test_cli_prints_a_real_completion(tmp_path):
+    source = tmp_path / "average.py"
+    source.write_text(AVERAGE)
+    run = subprocess.run([sys.executable, "-m", "lsp_server.cli", "--quiet", "--cache-dir", str(cache_root()),
+                          "complete", f"{source}:4:12", "--json"], capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    draft = json.loads(run.stdout)["drafts"][0]
+    assert "len(values)" in draft["text"]
