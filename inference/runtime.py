@@ -35,6 +35,8 @@ def available_providers(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in have:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN libraries from the nvidia-* pip packages, if installed
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto":
         return ["CPUExecutionProvider"]
@@ -51,7 +53,6 @@ class Decoder:
         options.intra_op_num_threads = threads or int(os.environ.get("SUPERPIE_THREADS", "2"))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_path), options, providers=available_providers(device))
         self.providers = self.session.get_providers()
         self._outputs = ["logits"] + [n for i in range(config.n_layers) for n in (new_key_name(i), new_value_name(i))]

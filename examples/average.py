@@ -1,0 +1,4 @@
+def average(values: list[float]) -> float:
+    """Arithmetic mean of values."""
+    total = sum(values)
+    return 
