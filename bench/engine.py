@@ -193,11 +193,27 @@ def compare_quality(default: dict[str, Any], baseline: dict[str, Any]) -> dict[s
     }
 
 
+def cpu_description() -> dict[str, Any]:
+    """CPU model and the vector extensions int8 kernels depend on: figures only compare on like CPUs."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})}
+
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime
 
-    return {"cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0],
-            "superpie_threads": os.environ.get("SUPERPIE_THREADS")}
+    return {"cpus": os.cpu_count(), **cpu_description(), "onnxruntime": onnxruntime.__version__,
+            "python": sys.version.split()[0], "superpie_threads": os.environ.get("SUPERPIE_THREADS")}
 
 
 def table_rows(baseline: dict[str, Any]) -> list[str]:

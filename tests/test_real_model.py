@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 AVERAGE = '''def average(values: list[float]) -> float:
     """Arithmetic mean of values."""
     total = sum(values)
-    return 
+    return\x20
 '''
 
 
