@@ -49,7 +49,7 @@ def convert(gguf_path: Path, out_dir: Path, scheme: Quantization, *, gguf_sha256
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        bar = tqdm(total=config.n_layers + 2, desc=f"converting to ONNX ({scheme.name})", unit="step",
+        bar = tqdm(total=config.n_layers + 3, desc=f"converting to ONNX ({scheme.name})", unit="step",
                    disable=not progress, leave=False)
         emb = embedding(reader)
         final_norm, lm_head = head(reader, config, emb)
@@ -60,8 +60,12 @@ def convert(gguf_path: Path, out_dir: Path, scheme: Quantization, *, gguf_sha256
                 yield layer
                 bar.update(1)
 
-        model = quantize_model(build_graph(config, emb, layers(), final_norm, lm_head), scheme)
+        graph = build_graph(config, emb, layers(), final_norm, lm_head)
         del emb, lm_head
+        bar.set_postfix_str("quantizing")
+        model = quantize_model(graph, scheme)
+        bar.update(1)
+        bar.set_postfix_str("saving")
         onnx.save_model(model, str(tmp / MODEL_FILE), save_as_external_data=True,
                         location=MODEL_FILE + ".data", size_threshold=1024)
         bar.update(1)
