@@ -1,0 +1,221 @@
+"""One document's KV cache, updated on every edit instead of rebuilt (Positional Integrity Encoding).
+
+An edit replaces old rows [start, stop) with m new tokens. PIE drops the removed rows, encodes only the
+new tokens against the unchanged prefix, and re-rotates the keys of the later rows by the position shift
+delta = m - (stop - start). The later rows keep hidden states computed before the edit, so they are marked
+stale: their K/V may differ from a full re-encode (a background refresh can fix them later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from inference.generate import PREFILL_CHUNK
+from inference.runtime import Decoder
+from kv_cache.rotation import rerotate_keys
+
+SPLICE_MODES = ("pie", "conflict-fast", "full")
+
+
+class SpliceLike(Protocol):
+    """Old tokens [start, stop) replaced by `ids` (kv_cache.splice.TokenSplice has this shape)."""
+
+    start: int
+    stop: int
+    ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class SpliceStats:
+    mode: str
+    dropped: int  # old rows removed
+    inserted: int  # new tokens
+    encoded: int  # rows run through the model: the inserted ones, or the whole document in "full" mode
+    rotated: int  # rows whose keys were re-rotated
+    forward_s: float
+    rotate_s: float
+    total_s: float
+
+
+class BufferCache:
+    """Rows of one document: K/V per layer, token ids, RoPE positions and staleness, in preallocated buffers.
+
+    Row i is the document's token i. In "pie" mode positions stay 0..n-1; "conflict-fast" leaves them
+    duplicated or gapped (it is a baseline, not meant to be mixed with "pie" on one cache).
+    """
+
+    def __init__(self, decoder: Decoder, capacity: int = 1024) -> None:
+        cfg = decoder.config
+        self.decoder = decoder
+        self._head_dim, self._theta = cfg.head_dim, cfg.rope_theta
+        self._length = 0
+        capacity = max(capacity, 1)
+        shape = (cfg.n_kv_heads, capacity, cfg.head_dim)
+        self._keys = [np.empty(shape, np.float32) for _ in range(cfg.n_layers)]  # per layer [kv, capacity, hd]
+        self._values = [np.empty(shape, np.float32) for _ in range(cfg.n_layers)]
+        self._ids = np.empty(capacity, np.int64)  # [capacity]
+        self._positions = np.empty(capacity, np.int64)  # [capacity]: the position each row's key encodes
+        self._stale = np.empty(capacity, bool)  # [capacity]: K/V may differ from a full re-encode
+
+    # -- read access -------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return self._ids.shape[0]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Token ids [n] (a copy)."""
+        return self._ids[: self._length].copy()
+
+    @property
+    def positions(self) -> np.ndarray:
+        """RoPE position each row's key currently encodes [n] (a copy)."""
+        return self._positions[: self._length].copy()
+
+    @property
+    def stale(self) -> np.ndarray:
+        """[n] True where a row's K/V were computed against a left context that has since changed (a copy)."""
+        return self._stale[: self._length].copy()
+
+    @property
+    def next_position(self) -> int:
+        """Position of a token appended after the last row."""
+        return int(self._positions[self._length - 1]) + 1 if self._length else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the preallocated buffers (the whole capacity, not just the rows in use)."""
+        arrays = [*self._keys, *self._values, self._ids, self._positions, self._stale]
+        return sum(a.nbytes for a in arrays)
+
+    def past(self, upto: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Keys and values of rows [0, upto) per layer, contiguous [kv, upto, hd]: the past for a forward."""
+        upto = self._length if upto is None else upto
+        keys = [np.ascontiguousarray(k[:, :upto]) for k in self._keys]
+        values = [np.ascontiguousarray(v[:, :upto]) for v in self._values]
+        return keys, values
+
+    def logits_after(self, ids_tail: Sequence[int]) -> np.ndarray:
+        """Logits [vocab] of the last of `ids_tail` run after the whole cache; the cache is left as it is.
+
+        Keeping the prompt's last token out of the cache and feeding it here means its query always sees
+        the current context.
+        """
+        tail = np.asarray(ids_tail, dtype=np.int64)
+        positions = np.arange(self.next_position, self.next_position + len(tail))
+        return self.decoder.forward(tail, positions, *self.past()).logits[-1]
+
+    # -- updates -----------------------------------------------------------------------------------------
+
+    def encode(self, ids: Sequence[int]) -> None:
+        """Replace the cache by a fresh prefill of `ids` at positions 0..n-1, in chunks like generate.prefill."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self._length = 0
+        self._reserve(len(ids))
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[start:start + PREFILL_CHUNK]
+            positions = np.arange(start, start + len(chunk))
+            out = self.decoder.forward(chunk, positions, *self.past(start))
+            self._write(start, chunk, positions, out.keys, out.values, stale=False)
+            self._length = start + len(chunk)
+
+    def apply(self, splice: SpliceLike, mode: str = "pie") -> SpliceStats:
+        return self.apply_splice(splice.start, splice.stop, splice.ids, mode)
+
+    def apply_splice(self, start: int, stop: int, ids: Sequence[int], mode: str = "pie") -> SpliceStats:
+        """Replace rows [start, stop) by the tokens `ids`; `mode` is "pie", "conflict-fast" or "full"."""
+        if mode not in SPLICE_MODES:
+            raise ValueError(f"unknown splice mode {mode!r} (expected one of {', '.join(SPLICE_MODES)})")
+        n = self._length
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"splice [{start}, {stop}) is outside the {n} cached rows")
+        t0 = time.perf_counter()
+        new = np.asarray(ids, dtype=np.int64)
+        m = len(new)
+        if mode == "full":
+            self.encode(np.concatenate([self._ids[:start], new, self._ids[stop:n]]))
+            total = time.perf_counter() - t0
+            return SpliceStats(mode, stop - start, m, self._length, 0, total, 0.0, total)
+        if m == 0 and start == stop:
+            return SpliceStats(mode, 0, 0, 0, 0, 0.0, 0.0, 0.0)
+
+        # The forward only reads the prefix [0, start), which nothing below moves: run it first so a
+        # failure leaves the cache untouched.
+        forward_s = 0.0
+        if m:
+            positions = np.arange(start, start + m)
+            out = self.decoder.forward(new, positions, *self.past(start))
+            forward_s = time.perf_counter() - t0
+
+        delta = m - (stop - start)
+        later, tail = start + m, n - stop  # later rows move from [stop, n) to [later, later + tail)
+        self._reserve(n + delta)
+        self._move_rows(stop, n, later)
+        if m:
+            self._write(start, new, positions, out.keys, out.values, stale=bool(self._stale[:start].any()))
+        self._length = n + delta
+
+        t1 = time.perf_counter()
+        rotated = tail if mode == "pie" and delta else 0
+        if rotated:
+            for keys in self._keys:
+                rerotate_keys(keys[:, later:later + tail], delta, self._head_dim, self._theta, in_place=True)
+            self._positions[later:later + tail] += delta
+        rotate_s = time.perf_counter() - t1
+        self._stale[later:later + tail] = True
+        return SpliceStats(mode, stop - start, m, m, rotated, forward_s, rotate_s, time.perf_counter() - t0)
+
+    # -- buffer management -------------------------------------------------------------------------------
+
+    def _reserve(self, rows: int) -> None:
+        """Make room for `rows` rows, at least doubling, so growth costs amortized O(1) per row."""
+        if rows <= self.capacity:
+            return
+        capacity, n = max(rows, 2 * self.capacity), self._length
+        self._keys = [_grow_rows(k, capacity, n) for k in self._keys]
+        self._values = [_grow_rows(v, capacity, n) for v in self._values]
+        self._ids, self._positions, self._stale = (_grow_rows(a, capacity, n)
+                                                   for a in (self._ids, self._positions, self._stale))
+
+    def _move_rows(self, src: int, src_stop: int, dst: int) -> None:
+        """Move rows [src, src_stop) to start at `dst` in every buffer (numpy copies overlapping slices safely)."""
+        count = src_stop - src
+        if count == 0 or src == dst:
+            return
+        for buf in (*self._keys, *self._values):
+            buf[:, dst:dst + count] = buf[:, src:src_stop]
+        for arr in (self._ids, self._positions, self._stale):
+            arr[dst:dst + count] = arr[src:src_stop]
+
+    def _write(self, start: int, ids: np.ndarray, positions: np.ndarray, keys: list[np.ndarray],
+               values: list[np.ndarray], *, stale: bool) -> None:
+        stop = start + len(ids)
+        for buf, rows in zip(self._keys, keys):
+            buf[:, start:stop] = rows
+        for buf, rows in zip(self._values, values):
+            buf[:, start:stop] = rows
+        self._ids[start:stop] = ids
+        self._positions[start:stop] = positions
+        self._stale[start:stop] = stale
+
+
+def _grow_rows(old: np.ndarray, capacity: int, used: int) -> np.ndarray:
+    """A copy of `old` with `capacity` rows along its row axis (axis 1 of [kv, rows, hd], else axis 0)."""
+    axis = 1 if old.ndim == 3 else 0
+    shape = list(old.shape)
+    shape[axis] = capacity
+    new = np.empty(shape, old.dtype)
+    if axis:
+        new[:, :used] = old[:, :used]
+    else:
+        new[:used] = old[:used]
+    return new
