@@ -29,6 +29,10 @@ def causal_bias(past: int, seq: int) -> np.ndarray:
     return bias
 
 
+class ProviderUnavailable(RuntimeError):
+    """The requested execution provider is not in this ONNX Runtime build."""
+
+
 def available_providers(device: str) -> list[str]:
     """'cpu' or 'cuda'; CUDA falls back to CPU only when asked for 'auto'."""
     have = ort.get_available_providers()
@@ -40,7 +44,8 @@ def available_providers(device: str) -> list[str]:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto":
         return ["CPUExecutionProvider"]
-    raise RuntimeError(f"execution provider for {device!r} is not available (ONNX Runtime has {have})")
+    raise ProviderUnavailable(f"execution provider for {device!r} is not available (ONNX Runtime has {have}); "
+                              "install onnxruntime-gpu for CUDA")
 
 
 class Decoder:

@@ -10,14 +10,16 @@ from pathlib import Path
 from inference.config import UnsupportedModel
 from inference.fetch import ModelFetchError, cache_root, cached_gguf
 from inference.generate import greedy_complete
-from inference.model_store import load_model, prepare_model
+from inference.model_store import ModelLoadError, load_model, prepare_model
 from inference.prompt import fim_prompt
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL, MODELS, get_model
+from inference.runtime import ProviderUnavailable
 from inference.tokenizer import UnsupportedTokenizer
 from lsp_server.cursor import InputError, parse_location, read_source, split_at
 
-USER_ERRORS = (InputError, ModelFetchError, UnsupportedModel, UnsupportedTokenizer, LookupError)
+USER_ERRORS = (InputError, ModelFetchError, ModelLoadError, ProviderUnavailable, UnsupportedModel, UnsupportedTokenizer,
+               LookupError)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +70,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "pie":
+        from bench.pie import DEFAULT_DATA, run_pie_bench
+
+        run_pie_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit, json_out=args.json_out,
+                      cache=args.cache_dir)
+        return 0
     from bench.engine import run_engine_bench
 
     run_engine_bench(args.model, json_out=args.json_out, cache=args.cache_dir, quick=args.quick)
@@ -96,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.set_defaults(func=cmd_model)
 
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("suite", choices=["engine"])
+    bench.add_argument("suite", choices=["engine", "pie"])
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
-    bench.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (smoke test)")
+    bench.add_argument("--quick", action="store_true", help="engine: fewer repetitions and sizes (smoke test)")
+    bench.add_argument("--data", type=Path, default=None, help="pie: edits file, JSON lines (default: the dev set)")
+    bench.add_argument("--limit", type=int, default=None, help="pie: only the first N records")
     bench.set_defaults(func=cmd_bench)
     return parser
 

