@@ -114,6 +114,26 @@ class BufferCache:
         positions = np.arange(self.next_position, self.next_position + len(tail))
         return self.decoder.forward(tail, positions, *self.past()).logits[-1]
 
+    @classmethod
+    def from_rows(cls, decoder: Decoder, ids: np.ndarray, positions: np.ndarray, stale: np.ndarray,
+                  keys: Sequence[np.ndarray], values: Sequence[np.ndarray]) -> BufferCache:
+        """A cache holding exactly these rows (e.g. read back from disk), with no spare capacity.
+
+        ids, positions, stale: [n]; keys, values: per layer [kv, n, hd], keys already rotated to `positions`.
+        """
+        cfg = decoder.config
+        n = len(ids)
+        shape = (cfg.n_kv_heads, n, cfg.head_dim)
+        if len(keys) != cfg.n_layers or len(values) != cfg.n_layers or any(
+                a.shape != shape for a in (*keys, *values)) or not len(positions) == len(stale) == n:
+            raise ValueError(f"rows do not fit the model: expected {cfg.n_layers} layers of {shape}")
+        cache = cls(decoder, capacity=n)
+        cache._write(0, np.asarray(ids, np.int64), np.asarray(positions, np.int64), list(keys), list(values),
+                     stale=False)
+        cache._stale[:n] = stale
+        cache._length = n
+        return cache
+
     # -- updates -----------------------------------------------------------------------------------------
 
     def encode(self, ids: Sequence[int]) -> None:
@@ -175,6 +195,16 @@ class BufferCache:
         return SpliceStats(mode, stop - start, m, m, rotated, forward_s, rotate_s, time.perf_counter() - t0)
 
     # -- buffer management -------------------------------------------------------------------------------
+
+    def trim_capacity(self) -> None:
+        """Shrink the buffers to the rows in use, so an idle cache holds (and `nbytes` counts) only those."""
+        rows = max(self._length, 1)
+        if rows == self.capacity:
+            return
+        self._keys = [k[:, :rows].copy() for k in self._keys]
+        self._values = [v[:, :rows].copy() for v in self._values]
+        self._ids, self._positions, self._stale = (a[:rows].copy()
+                                                   for a in (self._ids, self._positions, self._stale))
 
     def _reserve(self, rows: int) -> None:
         """Make room for `rows` rows, at least doubling, so growth costs amortized O(1) per row."""

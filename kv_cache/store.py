@@ -1,0 +1,122 @@
+"""The open documents' KV caches under one memory budget: least recently used ones go to disk, and come back.
+
+Only the cache in use (the most recently touched) keeps spare capacity for edits; idle caches are trimmed
+to their rows before anything is evicted, so the budget counts memory actually held.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from inference.runtime import Decoder
+from kv_cache import persist
+from kv_cache.buffer_cache import BufferCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    bytes_used: int  # sum of the open caches' nbytes
+    buffers: int
+    tokens: int  # rows in the open caches
+    bytes_per_token: float
+    evictions: int
+    restores: int
+    oversized: bool  # the cache in use alone exceeds the budget
+
+
+class BufferStore:
+    """BufferCaches by document URI, most recently used last."""
+
+    def __init__(self, budget_mb: float, persist_dir: Path | None, model_id: str, *,
+                 decoder: Decoder | None = None) -> None:
+        """`decoder` runs restored caches; without one, the decoder of the first cache put is used."""
+        self.decoder = decoder
+        self.budget_bytes = int(budget_mb * 2**20)
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.model_id = model_id
+        self._caches: OrderedDict[str, BufferCache] = OrderedDict()
+        self._evictions = self._restores = 0
+        self._oversized = False
+
+    def __contains__(self, uri: str) -> bool:
+        return uri in self._caches
+
+    def lru_order(self) -> list[str]:
+        """URIs from least to most recently used."""
+        return list(self._caches)
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(c.nbytes for c in self._caches.values())
+
+    def get(self, uri: str) -> BufferCache | None:
+        """The open cache for `uri`, marked as in use; None if it is not in memory."""
+        cache = self._caches.get(uri)
+        if cache is not None:
+            self.touch(uri)
+        return cache
+
+    def put(self, uri: str, cache: BufferCache) -> None:
+        """Hold `cache` for `uri` as the one in use, then evict others to fit the budget."""
+        self.decoder = self.decoder or cache.decoder
+        self._caches[uri] = cache
+        self.touch(uri)
+        self.evict_to_budget()
+
+    def touch(self, uri: str) -> None:
+        self._caches.move_to_end(uri)
+
+    def close(self, uri: str) -> None:
+        """The document was closed: persist its cache (if enabled) and free it."""
+        cache = self._caches.pop(uri, None)
+        if cache is not None:
+            self._persist(cache)
+
+    def evict_to_budget(self) -> list[str]:
+        """Trim idle caches, then persist and drop least recently used ones until within the budget.
+
+        The cache in use is never evicted; if it alone exceeds the budget it stays and is flagged.
+        Returns the evicted URIs.
+        """
+        for cache in list(self._caches.values())[:-1]:
+            cache.trim_capacity()
+        evicted = []
+        while self.bytes_used > self.budget_bytes and len(self._caches) > 1:
+            uri, cache = self._caches.popitem(last=False)
+            self._persist(cache)
+            self._evictions += 1
+            evicted.append(uri)
+        self._oversized = self.bytes_used > self.budget_bytes
+        if self._oversized:
+            log.warning("KV cache in use (%d bytes) exceeds the %d-byte budget", self.bytes_used,
+                        self.budget_bytes)
+        return evicted
+
+    def restore(self, uri: str, ids: Sequence[int]) -> BufferCache | None:
+        """Reopen `uri` from disk if a cache for exactly these token ids was persisted (then it is in use)."""
+        if self.persist_dir is None or self.decoder is None:
+            return None
+        ids = np.asarray(ids, np.int64)
+        cache = persist.load(persist.cache_path(self.persist_dir, self.model_id, ids), self.decoder, self.model_id)
+        if cache is None or not np.array_equal(cache.ids, ids):
+            return None
+        self._restores += 1
+        self.put(uri, cache)
+        return cache
+
+    def stats(self) -> StoreStats:
+        used, tokens = self.bytes_used, sum(len(c) for c in self._caches.values())
+        return StoreStats(used, len(self._caches), tokens, used / tokens if tokens else 0.0, self._evictions,
+                          self._restores, self._oversized)
+
+    def _persist(self, cache: BufferCache) -> None:
+        if self.persist_dir is not None and len(cache):
+            persist.save(cache, self.persist_dir, self.model_id)
