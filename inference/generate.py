@@ -52,6 +52,8 @@ class GenerationResult:
 
 def prefill(decoder: Decoder, ids: list[int], rows: KVRows | None = None) -> tuple[KVRows, np.ndarray]:
     """Encode ids after `rows` in chunks; returns the rows and the logits of the last id."""
+    if not ids:
+        raise ValueError("prefill needs at least one token: its logits are the next token's")
     rows = rows or KVRows(*decoder.empty_past())
     logits = np.empty(0, dtype=np.float32)
     for start in range(0, len(ids), PREFILL_CHUNK):
@@ -68,16 +70,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def _line_done(text: str) -> bool:
-    """Single-line policy: leading newlines are allowed (cursor at a line's end), the next one ends it."""
-    stripped = text.lstrip("\r\n")
-    return "\n" in stripped and stripped[: stripped.index("\n")].strip() != ""
+def first_line(text: str) -> tuple[str, bool]:
+    """Single-line policy: (the completion cut before its first line break after some code, whether it
+    reached one). Leading blank lines are kept: at the end of a line the suggestion starts on the next."""
+    code = len(text) - len(text.lstrip())
+    cut = text.find("\n", code)
+    return (text, False) if cut < 0 else (text[:cut].rstrip("\r"), True)
 
 
 def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
-                    single_line: bool = True, healer: TokenHealer | None = None) -> GenerationResult:
+                    single_line: bool = True, healer: TokenHealer | None = None,
+                    rows: KVRows | None = None) -> GenerationResult:
+    """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed)."""
     t0 = time.perf_counter()
-    rows, logits = prefill(decoder, prompt.ids)
+    if rows is not None:
+        rows = KVRows(list(rows.keys), list(rows.values))  # append() rebinds, so the caller's rows stay
+    rows, logits = prefill(decoder, prompt.ids, rows)
     t1 = time.perf_counter()
     token_bytes = tokenizer.token_bytes()
     stop = tokenizer.specials.stop
@@ -97,7 +105,7 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
             logprob += float(logp[token])
         out_ids.append(token)
         text_bytes += token_bytes[token]
-        if single_line and _line_done(text_bytes[len(prompt.healed):].decode("utf-8", "replace")):
+        if single_line and first_line(text_bytes[len(prompt.healed):].decode("utf-8", "replace"))[1]:
             break
         out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
         rows.append(out.keys, out.values)
@@ -105,8 +113,6 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
     t2 = time.perf_counter()
     text = text_bytes[len(prompt.healed):].decode("utf-8", "replace")
     if single_line:
-        lead = len(text) - len(text.lstrip("\r\n"))
-        cut = text.find("\n", lead)
-        text = text if cut < 0 else text[:cut].rstrip("\r")
+        text = first_line(text)[0]
     timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids))}
     return GenerationResult([Draft(text, out_ids, logprob)], timings, len(prompt.ids))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from inference.generate import KVRows, greedy_complete, prefill
+import pytest
+
+from inference.generate import KVRows, first_line, greedy_complete, prefill
 from inference.healing import TokenHealer
-from inference.prompt import fim_prompt
+from inference.prompt import Prompt, fim_prompt
 
 
 def _healer(model) -> TokenHealer:
@@ -89,3 +91,26 @@ def test_greedy_equals_argmax_of_a_full_recompute(tiny_model):
         _, logits = prefill(tiny_model.decoder, ids, KVRows(*tiny_model.decoder.empty_past()))
         assert int(np.argmax(logits)) == token
         ids.append(token)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("x = 1", ("x = 1", False)),
+    ("x = 1\ny = 2", ("x = 1", True)),
+    ("x\r\ny", ("x", True)),
+    ("\n    return x\n", ("\n    return x", True)),
+    ("\n    \n    return x\nz", ("\n    \n    return x", True)),  # blank lines before the code are kept
+    ("  \n  ", ("  \n  ", False)),
+])
+def test_single_line_policy_cuts_after_the_first_line_of_code(text, expected):
+    assert first_line(text) == expected
+
+
+def test_decoding_can_continue_a_cache_without_changing_it(tiny_model):
+    tok, decoder = tiny_model.tokenizer, tiny_model.decoder
+    ids = tok.encode("import os\nimport sys\n\ndef main():\n")
+    rows, _ = prefill(decoder, ids[:-3])
+    before = [k.copy() for k in rows.keys]
+    continued = greedy_complete(decoder, tok, Prompt(ids[-3:], b""), max_tokens=6, single_line=False, rows=rows)
+    fresh = greedy_complete(decoder, tok, Prompt(ids, b""), max_tokens=6, single_line=False)
+    assert continued.drafts[0].token_ids == fresh.drafts[0].token_ids
+    assert all((a == b).all() for a, b in zip(before, rows.keys)) and rows.length == len(ids) - 3
