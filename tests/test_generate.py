@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 import pytest
 
 from inference.generate import KVRows, first_line, greedy_complete, prefill
