@@ -50,15 +50,18 @@ class GenerationResult:
     prompt_tokens: int = 0
 
 
-def prefill(decoder: Decoder, ids: list[int], rows: KVRows | None = None) -> tuple[KVRows, np.ndarray]:
-    """Encode ids after `rows` in chunks; returns the rows and the logits of the last id."""
+def prefill(decoder: Decoder, ids: list[int], rows: KVRows | None = None,
+            position: int | None = None) -> tuple[KVRows, np.ndarray]:
+    """Encode ids after `rows` in chunks, from `position` (default: right after the rows); returns the rows
+    and the logits of the last id."""
     if not ids:
         raise ValueError("prefill needs at least one token: its logits are the next token's")
     rows = rows or KVRows(*decoder.empty_past())
     logits = np.empty(0, dtype=np.float32)
     for start in range(0, len(ids), PREFILL_CHUNK):
         chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int64)
-        pos = np.arange(rows.length, rows.length + len(chunk))
+        first = rows.length if position is None else position + start
+        pos = np.arange(first, first + len(chunk))
         out = decoder.forward(chunk, pos, rows.keys, rows.values)
         rows.append(out.keys, out.values)
         logits = out.logits[-1]
@@ -80,12 +83,14 @@ def first_line(text: str) -> tuple[str, bool]:
 
 def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
                     single_line: bool = True, healer: TokenHealer | None = None,
-                    rows: KVRows | None = None) -> GenerationResult:
-    """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed)."""
+                    rows: KVRows | None = None, position: int | None = None) -> GenerationResult:
+    """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed),
+    from RoPE `position` (default: right after the rows; a cache with gapped positions passes its own)."""
     t0 = time.perf_counter()
     if rows is not None:
         rows = KVRows(list(rows.keys), list(rows.values))  # append() rebinds, so the caller's rows stay
-    rows, logits = prefill(decoder, prompt.ids, rows)
+    rows, logits = prefill(decoder, prompt.ids, rows, position)
+    next_position = (rows.length if position is None else position + len(prompt.ids))
     t1 = time.perf_counter()
     token_bytes = tokenizer.token_bytes()
     stop = tokenizer.specials.stop
@@ -107,9 +112,10 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
         text_bytes += token_bytes[token]
         if single_line and first_line(text_bytes[len(prompt.healed):].decode("utf-8", "replace"))[1]:
             break
-        out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
+        out = decoder.forward(np.array([token]), np.array([next_position]), rows.keys, rows.values)
         rows.append(out.keys, out.values)
         logits = out.logits[-1]
+        next_position += 1
     t2 = time.perf_counter()
     text = text_bytes[len(prompt.healed):].decode("utf-8", "replace")
     if single_line:
