@@ -27,7 +27,7 @@ from bench.engine import machine_info, peak_rss_mb, write_json
 from inference.generate import KVRows, greedy_complete
 from inference.healing import TokenHealer
 from inference.model_store import LoadedModel, load_model
-from inference.prompt import Prompt
+from inference.prompt import Prompt, healed_prompt
 from inference.registry import DEFAULT_MODEL
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.edits import TextEdit
@@ -83,8 +83,7 @@ class LinePredictor:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.token_bytes = model.tokenizer.token_bytes()
-        self.healer = TokenHealer(self.token_bytes, model.tokenizer.specials.stop)
+        self.healer = TokenHealer(model.tokenizer.token_bytes(), model.tokenizer.specials.stop)
 
     def prompt_ids(self, doc: TokenizedText, offset: int, indent: str) -> tuple[int, list[int]]:
         """(k, ids): the prompt after[:offset] + indent as the document's first k tokens plus a re-tokenized tail."""
@@ -98,8 +97,8 @@ class LinePredictor:
 
         The rows are used as the mode left them: their positions too, so "conflict-fast" keeps its gaps.
         """
-        healed = self.token_bytes[ids[-1]]
-        ids = ids[:-1]
+        head = healed_prompt(self.model.tokenizer, ids)
+        ids, healed = head.ids, head.healed
         if not ids:
             raise ValueError("a prompt needs at least two tokens")
         reuse = min(k, len(ids) - 1)

@@ -17,6 +17,13 @@ class Prompt:
     healed: bytes  # bytes of the prefix's last token, backed off for the model to re-choose
 
 
+def healed_prompt(tokenizer: CodeTokenizer, ids: list[int]) -> Prompt:
+    """The ids with their last token backed off, for the model to re-choose (see inference/healing.py)."""
+    if not ids:
+        return Prompt([], b"")
+    return Prompt(ids[:-1], tokenizer.token_bytes()[ids[-1]])
+
+
 def fim_prompt(tokenizer: CodeTokenizer, prefix: str, suffix: str, *, heal: bool = True,
                max_prefix_tokens: int = MAX_PREFIX_TOKENS, max_suffix_tokens: int = MAX_SUFFIX_TOKENS) -> Prompt:
     """<|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>, or the bare prefix for models without FIM.
@@ -26,10 +33,8 @@ def fim_prompt(tokenizer: CodeTokenizer, prefix: str, suffix: str, *, heal: bool
     prefix = prefix[-max_prefix_tokens * _CHARS_PER_TOKEN_BOUND:]
     suffix = suffix[: max_suffix_tokens * _CHARS_PER_TOKEN_BOUND]
     prefix_ids = tokenizer.encode(prefix)[-max_prefix_tokens:]
-    healed = b""
-    if heal and prefix_ids:
-        healed = tokenizer.token_bytes()[prefix_ids[-1]]
-        prefix_ids = prefix_ids[:-1]
+    head = healed_prompt(tokenizer, prefix_ids) if heal else Prompt(prefix_ids, b"")
+    prefix_ids, healed = head.ids, head.healed
     sp = tokenizer.specials
     if sp.fim_prefix is None or sp.fim_suffix is None or sp.fim_middle is None:
         return Prompt(prefix_ids, healed)
