@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -81,8 +82,26 @@ def first_line(text: str) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut].rstrip("\r"), True)
 
 
+class StopRule(Protocol):
+    """Decides, while decoding, whether a completion is done (inference/syntax.py has the tree-sitter one)."""
+
+    def cut(self, text: str) -> int | None:
+        """How many characters of `text` (the completion so far) to keep if it is complete, else None."""
+
+
+class SingleLine:
+    """Stop at the end of the first line of code (see first_line)."""
+
+    def cut(self, text: str) -> int | None:
+        kept, done = first_line(text)
+        return len(kept) if done else None
+
+
+SINGLE_LINE = SingleLine()
+
+
 def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
-                    single_line: bool = True, healer: TokenHealer | None = None,
+                    stop: StopRule | None = SINGLE_LINE, healer: TokenHealer | None = None,
                     rows: KVRows | None = None, position: int | None = None) -> GenerationResult:
     """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed),
     from RoPE `position` (default: right after the rows; a cache with gapped positions passes its own)."""
@@ -93,16 +112,16 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
     next_position = (rows.length if position is None else position + len(prompt.ids))
     t1 = time.perf_counter()
     token_bytes = tokenizer.token_bytes()
-    stop = tokenizer.specials.stop
+    eos = tokenizer.specials.stop
     pending = prompt.healed
-    healer = healer or (TokenHealer(token_bytes, stop) if pending else None)
+    healer = healer or (TokenHealer(token_bytes, eos) if pending else None)
     out_ids: list[int] = []
     logprob = 0.0
     text_bytes = b""
     while len(out_ids) < max_tokens:
         logp = _log_softmax(logits + healer.mask(pending) if pending else logits)
         token = int(np.argmax(logp))
-        if token in stop:
+        if token in eos:
             break
         if pending:
             pending = healer.consume(pending, token)
@@ -110,15 +129,17 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
             logprob += float(logp[token])
         out_ids.append(token)
         text_bytes += token_bytes[token]
-        if single_line and first_line(text_bytes[len(prompt.healed):].decode("utf-8", "replace"))[1]:
-            break
+        if stop is not None and not pending:
+            cut = stop.cut(text_bytes[len(prompt.healed):].decode("utf-8", "replace"))
+            if cut is not None:
+                break
         out = decoder.forward(np.array([token]), np.array([next_position]), rows.keys, rows.values)
         rows.append(out.keys, out.values)
         logits = out.logits[-1]
         next_position += 1
     t2 = time.perf_counter()
     text = text_bytes[len(prompt.healed):].decode("utf-8", "replace")
-    if single_line:
-        text = first_line(text)[0]
+    cut = stop.cut(text) if stop is not None else None
+    text = text if cut is None else text[:cut]
     timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids))}
     return GenerationResult([Draft(text, out_ids, logprob)], timings, len(prompt.ids))

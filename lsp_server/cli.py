@@ -9,7 +9,7 @@ from pathlib import Path
 
 from inference.config import UnsupportedModel
 from inference.fetch import ModelFetchError, cache_root, cached_gguf
-from inference.generate import greedy_complete
+from inference.generate import SINGLE_LINE, greedy_complete
 from inference.model_store import ModelLoadError, load_model, prepare_model
 from inference.prompt import fim_prompt
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
@@ -37,7 +37,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
                        threads=args.threads, device=args.device)
     prompt = fim_prompt(model.tokenizer, cursor.prefix, cursor.suffix)
     result = greedy_complete(model.decoder, model.tokenizer, prompt, max_tokens=args.max_tokens,
-                             single_line=not args.multi_line)
+                             stop=None if args.multi_line else SINGLE_LINE)
     if args.json:
         timings = {**model.timings, **result.timings, "prompt_tokens": result.prompt_tokens}
         print(json.dumps({"drafts": [{"text": d.text, "score": d.score} for d in result.drafts],

@@ -61,7 +61,7 @@ def test_prompt_keeps_the_text_nearest_the_cursor(tiny_model):
 
 def test_completion_starts_with_the_healed_bytes_and_returns_what_follows(tiny_model):
     prompt = fim_prompt(tiny_model.tokenizer, "import os\nimport sys\nimp", "")
-    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=8, single_line=False)
+    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=8, stop=None)
     draft = result.drafts[0]
     generated = b"".join(tiny_model.tokenizer.token_bytes()[i] for i in draft.token_ids)
     assert generated.startswith(prompt.healed)
@@ -70,7 +70,7 @@ def test_completion_starts_with_the_healed_bytes_and_returns_what_follows(tiny_m
 
 def test_token_budget_is_respected(tiny_model):
     prompt = fim_prompt(tiny_model.tokenizer, "def f(", ")")
-    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=5, single_line=False)
+    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=5, stop=None)
     assert len(result.drafts[0].token_ids) <= 5
 
 
@@ -84,7 +84,7 @@ def test_single_line_completion_has_no_newline_after_its_text(tiny_model):
 def test_greedy_equals_argmax_of_a_full_recompute(tiny_model):
     """Incremental decoding through the cache picks the same tokens as re-encoding everything each step."""
     prompt = fim_prompt(tiny_model.tokenizer, "for i in range(10):\n    print(", "", heal=False)
-    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=12, single_line=False)
+    result = greedy_complete(tiny_model.decoder, tiny_model.tokenizer, prompt, max_tokens=12, stop=None)
     ids = list(prompt.ids)
     for token in result.drafts[0].token_ids:
         _, logits = prefill(tiny_model.decoder, ids, KVRows(*tiny_model.decoder.empty_past()))
@@ -109,7 +109,7 @@ def test_decoding_can_continue_a_cache_without_changing_it(tiny_model):
     ids = tok.encode("import os\nimport sys\n\ndef main():\n")
     rows, _ = prefill(decoder, ids[:-3])
     before = [k.copy() for k in rows.keys]
-    continued = greedy_complete(decoder, tok, Prompt(ids[-3:], b""), max_tokens=6, single_line=False, rows=rows)
-    fresh = greedy_complete(decoder, tok, Prompt(ids, b""), max_tokens=6, single_line=False)
+    continued = greedy_complete(decoder, tok, Prompt(ids[-3:], b""), max_tokens=6, stop=None, rows=rows)
+    fresh = greedy_complete(decoder, tok, Prompt(ids, b""), max_tokens=6, stop=None)
     assert continued.drafts[0].token_ids == fresh.drafts[0].token_ids
     assert all((a == b).all() for a, b in zip(before, rows.keys)) and rows.length == len(ids) - 3
