@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -102,9 +103,13 @@ SINGLE_LINE = SingleLine()
 
 def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
                     stop: StopRule | None = SINGLE_LINE, healer: TokenHealer | None = None,
-                    rows: KVRows | None = None, position: int | None = None) -> GenerationResult:
+                    rows: KVRows | None = None, position: int | None = None,
+                    cancelled: Callable[[], bool] | None = None) -> GenerationResult:
     """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed),
-    from RoPE `position` (default: right after the rows; a cache with gapped positions passes its own)."""
+    from RoPE `position` (default: right after the rows; a cache with gapped positions passes its own).
+
+    `cancelled` is asked before every step; once it says yes, decoding stops and the timings say so.
+    """
     t0 = time.perf_counter()
     if rows is not None:
         rows = KVRows(list(rows.keys), list(rows.values))  # append() rebinds, so the caller's rows stay
@@ -118,7 +123,11 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
     out_ids: list[int] = []
     logprob = 0.0
     text_bytes = b""
+    stopped_early = False
     while len(out_ids) < max_tokens:
+        if cancelled is not None and cancelled():
+            stopped_early = True
+            break
         logp = _log_softmax(logits + healer.mask(pending) if pending else logits)
         token = int(np.argmax(logp))
         if token in eos:
@@ -141,5 +150,6 @@ def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, 
     text = text_bytes[len(prompt.healed):].decode("utf-8", "replace")
     cut = stop.cut(text) if stop is not None else None
     text = text if cut is None else text[:cut]
-    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids))}
+    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids)),
+               "cancelled": float(stopped_early)}
     return GenerationResult([Draft(text, out_ids, logprob)], timings, len(prompt.ids))

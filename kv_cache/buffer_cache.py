@@ -104,6 +104,10 @@ class BufferCache:
         values = [np.ascontiguousarray(v[:, :upto]) for v in self._values]
         return keys, values
 
+    def rows(self, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Copies of the keys and values of rows [start, stop) per layer [kv, stop - start, hd]."""
+        return [k[:, start:stop].copy() for k in self._keys], [v[:, start:stop].copy() for v in self._values]
+
     def logits_after(self, ids_tail: Sequence[int]) -> np.ndarray:
         """Logits [vocab] of the last of `ids_tail` run after the whole cache; the cache is left as it is.
 
@@ -147,6 +151,20 @@ class BufferCache:
             out = self.decoder.forward(chunk, positions, *self.past(start))
             self._write(start, chunk, positions, out.keys, out.values, stale=False)
             self._length = start + len(chunk)
+
+    def refresh(self, start: int, stop: int) -> int:
+        """Re-encode rows [start, stop) in place against the rows before them, at their current positions.
+
+        Exact (identical to a fresh encode) when no row before `start` is stale; their staleness is then
+        cleared. Rows after `stop` stay stale: they were computed from the old rows. Returns rows encoded.
+        """
+        stop = min(stop, self._length)
+        if not 0 <= start < stop:
+            return 0
+        ids, positions = self._ids[start:stop].copy(), self._positions[start:stop].copy()
+        out = self.decoder.forward(ids, positions, *self.past(start))
+        self._write(start, ids, positions, out.keys, out.values, stale=bool(self._stale[:start].any()))
+        return stop - start
 
     def apply(self, splice: SpliceLike, mode: str = "pie") -> SpliceStats:
         return self.apply_splice(splice.start, splice.stop, splice.ids, mode)

@@ -80,6 +80,10 @@ class BufferStore:
         if cache is not None:
             self._persist(cache)
 
+    def drop(self, uri: str) -> None:
+        """Free the rows of `uri` without saving them (they are about to be rebuilt for other text)."""
+        self._caches.pop(uri, None)
+
     def evict_to_budget(self) -> list[str]:
         """Trim idle caches, then persist and drop least recently used ones until within the budget.
 

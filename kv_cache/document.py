@@ -1,0 +1,266 @@
+"""One open document: its text, tokens and a window of KV rows, kept in step with every edit.
+
+The FIM layout. Qwen completes `<|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>`. The rows hold
+`<|fim_prefix|>` followed by the document's tokens in order (a window of them for long files), so that:
+
+- typing anywhere is a splice of those rows (PIE: encode the new tokens, re-rotate the later keys);
+- a completion at any cursor needs no re-encode: the prompt's prefix is rows [0, cursor), then
+  `<|fim_suffix|>` (plus the part of a token the cursor splits) is encoded, then the rows of the next
+  suffix tokens are reused with their keys rotated to follow it, and `<|fim_middle|>` is fed last;
+- moving the cursor only changes which rows are borrowed.
+
+The borrowed suffix rows were computed without `<|fim_suffix|>` before them: the same approximation as a
+one-token PIE insertion. bench/pie.py measures the layout against a full FIM encode and the prefix-only
+prompt. For models without FIM tokens the rows are the document alone and the prompt is the prefix.
+
+The window. Files longer than the token budget keep rows for a window of tokens [lo, hi) around the
+cursor. It moves with PIE as well: rows far before the cursor are dropped and the rest shifted down,
+tokens that come into view before it are inserted after the marker, tokens after it are appended.
+
+Staleness. After a splice the later rows keep K/V computed from the old text; `refresh_step` re-encodes
+them left to right in small chunks when there is nothing better to do.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference.generate import KVRows
+from inference.runtime import Decoder
+from inference.tokenizer import CodeTokenizer
+from kv_cache.buffer_cache import BufferCache, SpliceStats
+from kv_cache.edits import TextEdit
+from kv_cache.rotation import rerotate_keys
+from kv_cache.splice import TokenizedText, TokenSplice, apply_edits
+from kv_cache.store import BufferStore
+
+ENCODE_CHUNK = 64  # tokens per idle step: a request waits for at most one chunk (~0.5 s on 2 cores)
+
+
+@dataclass(frozen=True)
+class WindowBudget:
+    """How many tokens of context the rows keep around the cursor."""
+
+    prefix: int = 1536  # tokens before the cursor
+    suffix: int = 256  # tokens after it that the prompt borrows
+    slack: int = 256  # the window moves in steps this big, so typing does not shift it every token
+
+
+@dataclass
+class CursorContext:
+    """What a decoder needs to complete at a cursor: feed `tail` at `position` after `rows`."""
+
+    rows: KVRows
+    tail: list[int]
+    position: int
+    healed: bytes  # the text between the last whole prefix token and the cursor, for token healing
+    prefix: str  # the document before / after the cursor (for stopping rules)
+    suffix: str
+    reused: int  # rows taken from the cache
+    encoded: int  # tokens run through the model to build the context (tail excluded)
+
+
+class DocumentCache:
+    """A document's text and tokens (always current) and its KV rows (kept in a BufferStore under `uri`)."""
+
+    def __init__(self, uri: str, text: str, decoder: Decoder, tokenizer: CodeTokenizer, store: BufferStore, *,
+                 mode: str = "pie", budget: WindowBudget = WindowBudget()) -> None:
+        self.uri = uri
+        self.decoder, self.tokenizer, self.store = decoder, tokenizer, store
+        self.mode, self.budget = mode, budget
+        self.doc = TokenizedText.encode(text, tokenizer)
+        sp = tokenizer.specials
+        self.fim = None if None in (sp.fim_prefix, sp.fim_suffix, sp.fim_middle) else (
+            sp.fim_prefix, sp.fim_suffix, sp.fim_middle)
+        self._marker = 1 if self.fim else 0  # rows before the document's first token
+        self.lo = self.hi = 0  # document tokens [lo, hi) have rows (once encoded up to hi)
+        self.target_hi = 0  # where the window should end; rows [hi, target_hi) are still to be encoded
+        self._rows_lost = False
+        self.focus(0)
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        return self.doc.text
+
+    @property
+    def ids(self) -> list[int]:
+        return self.doc.ids
+
+    def cache(self) -> BufferCache | None:
+        """The rows, from memory or restored from disk; None if they must be rebuilt."""
+        rows = self.store.get(self.uri)
+        if rows is None and not self._rows_lost and self.hi > self.lo:
+            rows = self.store.restore(self.uri, self._row_ids())
+            self._rows_lost = rows is None
+        return rows
+
+    def pending_tokens(self) -> int:
+        """Tokens of the window that have no rows yet."""
+        rows = self.cache()
+        return self.target_hi - self.lo if rows is None else self.target_hi - self.hi
+
+    def stale_rows(self) -> int:
+        rows = self.store.get(self.uri)
+        return 0 if rows is None else int(rows.stale.sum())
+
+    # -- edits -------------------------------------------------------------------------------------------
+
+    def apply(self, edits: Sequence[TextEdit]) -> list[SpliceStats]:
+        """Apply LSP-ordered edits to the text, tokens and rows. A bad range raises ValueError, nothing changed."""
+        rows = self.cache()
+        n_before = len(self.doc.ids)
+        splices = apply_edits(self.doc, edits, self.tokenizer)
+        stats = []
+        for splice in splices:
+            stats.extend(self._splice_rows(rows, splice, n_before))
+            n_before += splice.delta
+        if rows is None and splices:  # no rows yet: idle steps build them where the user is typing
+            self.focus(splices[-1].start)
+        return stats
+
+    def _splice_rows(self, rows: BufferCache | None, splice: TokenSplice, n_before: int) -> list[SpliceStats]:
+        """Follow one token splice in the window [lo, hi) and in the rows (if any)."""
+        start, stop, delta = splice.start, splice.stop, splice.delta
+        if rows is None:  # nothing to follow: `focus` rebuilds the window around the next cursor
+            self.lo = self.hi = self.target_hi = 0
+            return []
+        if stop <= self.lo and not (start == stop == self.lo and self.lo == 0):
+            self.lo, self.hi, self.target_hi = self.lo + delta, self.hi + delta, self.target_hi + delta
+            return []
+        if start > self.hi or (start == self.hi and self.hi < n_before):
+            # After the rows: only the part of the window not yet encoded can move.
+            if start < self.target_hi:
+                self.target_hi = max(self.hi, self.target_hi + delta)
+            return []
+        # Overlaps the rows (or touches their end at the end of the document).
+        lo, hi = min(self.lo, start), max(self.hi, stop) + delta
+        # Old tokens in [start, lo) or [hi, stop) have no rows: the inserted ids replace the rows in between.
+        first, last = max(start, self.lo), min(stop, self.hi)
+        stats = [rows.apply_splice(self._row(first), self._row(last), splice.ids, self.mode)]
+        self.target_hi = max(self.target_hi + delta, hi)
+        self.lo, self.hi = lo, hi
+        return stats
+
+    # -- the window --------------------------------------------------------------------------------------
+
+    def _row(self, token: int) -> int:
+        return self._marker + token - self.lo
+
+    def _row_ids(self) -> list[int]:
+        return [self.fim[0]] * self._marker + self.doc.ids[self.lo:self.hi] if self.fim else self.doc.ids[
+            self.lo:self.hi]
+
+    def focus(self, cursor_token: int) -> None:
+        """Set the window the cursor needs (rows are built by `encode_step`, or at once by `ensure_rows`)."""
+        n, b = len(self.doc.ids), self.budget
+        want_lo, want_hi = max(0, cursor_token - b.prefix), min(n, cursor_token + b.suffix)
+        rows = self.cache()
+        if rows is None or want_lo > self.hi or want_hi < self.lo:
+            if rows is not None:
+                self.store.drop(self.uri)
+            self._rows_lost = False
+            self.lo = self.hi = max(0, want_lo - b.slack // 2) if want_lo else 0
+            self.target_hi = min(n, max(want_hi + b.slack // 2, self.lo + b.prefix + b.suffix))
+            return
+        if want_lo < self.lo or want_lo > self.lo + b.slack:
+            new_lo = max(0, want_lo - b.slack // 2) if want_lo else 0
+            if new_lo > self.lo:  # drop rows far before the cursor; PIE shifts the rest down
+                rows.apply_splice(self._marker, self._row(new_lo), [], self.mode)
+            else:  # tokens came into view before the rows: insert them after the marker
+                rows.apply_splice(self._marker, self._marker, self.doc.ids[new_lo:self.lo], self.mode)
+            self.lo = new_lo
+        if self.hi > want_hi + b.slack:  # drop rows far after the cursor: nothing after them moves
+            cut = want_hi + b.slack // 2
+            rows.apply_splice(self._row(cut), len(rows), [], self.mode)
+            self.hi = cut
+        self.target_hi = max(self.hi, want_hi)
+
+    def encode_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
+        """Encode up to `max_tokens` of the window that have no rows yet; returns how many."""
+        rows = self.cache()
+        if rows is None:
+            rows = BufferCache(self.decoder, capacity=self._marker + self.target_hi - self.lo + self.budget.slack)
+            self.hi = self.lo
+            first = ([self.fim[0]] if self.fim else []) + self.doc.ids[self.lo:self.lo + max_tokens]
+            if not first:
+                return 0
+            rows.encode(first)
+            self.hi = self.lo + len(first) - self._marker
+            self.store.put(self.uri, rows)
+            self._rows_lost = False
+            return len(first)
+        chunk = self.doc.ids[self.hi:min(self.target_hi, self.hi + max_tokens)]
+        if chunk:
+            rows.apply_splice(len(rows), len(rows), chunk, "pie")  # an append moves no row: exact in any mode
+            self.hi += len(chunk)
+        return len(chunk)
+
+    def ensure_rows(self) -> BufferCache:
+        while self.encode_step(self.budget.prefix + self.budget.suffix):
+            pass
+        rows = self.cache()
+        if rows is None:  # an empty document without a marker
+            rows = BufferCache(self.decoder, capacity=16)
+            self.store.put(self.uri, rows)
+        return rows
+
+    def refresh_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
+        """Re-encode up to `max_tokens` stale rows, the first ones first (exact, see BufferCache.refresh)."""
+        rows = self.store.get(self.uri)
+        if rows is None:
+            return 0
+        stale = np.flatnonzero(rows.stale)
+        if not len(stale):
+            return 0
+        return rows.refresh(int(stale[0]), int(stale[0]) + max_tokens)
+
+    # -- completion context ------------------------------------------------------------------------------
+
+    def context(self, offset: int) -> CursorContext:
+        """Rows and tail ids to complete at character `offset`, borrowing rows for the prefix and the suffix."""
+        if not 0 <= offset <= len(self.doc.text):
+            raise ValueError(f"cursor offset {offset} is outside the document's {len(self.doc.text)} characters")
+        starts, text = self.doc.starts, self.doc.text
+        after = bisect_left(starts, offset)  # first token starting at or after the cursor
+        if after < len(starts) and starts[after] == offset:
+            split = ""  # the cursor sits between two tokens
+        else:
+            split = text[offset:starts[after] if after < len(starts) else len(text)]
+        # Heal back to the first token of the character run before the cursor.
+        whole = bisect_left(starts, starts[after - 1]) if after else 0
+        healed = text[starts[whole]:offset].encode("utf-8") if after else b""
+        self.focus(whole)
+        rows = self.ensure_rows()
+        prefix_rows = self._row(max(whole, self.lo))
+        past = KVRows(*rows.past(prefix_rows))
+        position = int(rows.positions[prefix_rows - 1]) + 1 if prefix_rows else 0
+        prefix, suffix = text[:offset], text[offset:]
+        if not self.fim:
+            if not prefix_rows:
+                return CursorContext(past, [], 0, healed, prefix, suffix, 0, 0)
+            tail = [int(rows.ids[prefix_rows - 1])]
+            past = KVRows(*rows.past(prefix_rows - 1))
+            return CursorContext(past, tail, position - 1, healed, prefix, suffix, prefix_rows - 1, 0)
+
+        head = [self.fim[1], *self.tokenizer.encode(split)] if split else [self.fim[1]]
+        out = self.decoder.forward(np.asarray(head), np.arange(position, position + len(head)), past.keys,
+                                   past.values)
+        past.append(out.keys, out.values)
+        position += len(head)
+        first = self._row(max(after, self.lo))
+        last = min(len(rows), first + self.budget.suffix) if after < self.hi else first
+        if last > first:
+            keys, values = rows.rows(first, last)
+            shift = position + np.arange(last - first) - rows.positions[first:last]
+            cfg = self.decoder.config
+            keys = [rerotate_keys(k, shift, cfg.head_dim, cfg.rope_theta) for k in keys]
+            past.append(keys, values)
+            position += last - first
+        return CursorContext(past, [self.fim[2]], position, healed, prefix, suffix,
+                             prefix_rows + last - first, len(head))

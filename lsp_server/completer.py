@@ -1,0 +1,184 @@
+"""Completions for open documents: their caches under one memory budget, and the decoders that use them.
+
+Not thread-safe: the server calls it from one model-worker thread only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inference.generate import SINGLE_LINE, StopRule, greedy_complete
+from inference.healing import TokenHealer
+from inference.model_store import LoadedModel
+from inference.prompt import Prompt
+from kv_cache.buffer_cache import SPLICE_MODES
+from kv_cache.document import DocumentCache
+from kv_cache.edits import TextEdit
+from kv_cache.store import BufferStore
+
+REFRESH_POLICIES = ("off", "idle", "threshold")
+SCOPES = ("auto", "single", "multi")
+
+
+@dataclass
+class CompletionOptions:
+    max_tokens: int = 64
+    drafts: int = 3
+    scope: str = "auto"  # "auto" | "single" | "multi"
+    speculative: bool = True
+
+
+@dataclass
+class Suggestion:
+    text: str  # what to insert at the cursor
+    score: float  # mean log-probability per token: higher is better
+    replace_suffix: int = 0  # characters after the cursor (on its line) that the suggestion replaces
+
+
+@dataclass
+class CompletionOutcome:
+    suggestions: list[Suggestion]  # best first
+    timings: dict[str, float] = field(default_factory=dict)
+    cancelled: bool = False
+
+
+def _never() -> bool:
+    return False
+
+
+class Completer:
+    """Open documents by URI, each with a DocumentCache; `complete` decodes from the cached rows."""
+
+    def __init__(self, model: LoadedModel, *, cache_mode: str = "pie", budget_mb: float = 1024,
+                 refresh: str = "idle", refresh_threshold: int = 256, persist_dir: Path | None = None) -> None:
+        self.model = model
+        self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder)
+        self.docs: dict[str, DocumentCache] = {}
+        self.cache_mode, self.refresh, self.refresh_threshold = "pie", "idle", refresh_threshold
+        self.configure(cache_mode=cache_mode, refresh=refresh)
+        special = model.tokenizer.specials.stop
+        self.healer = TokenHealer(model.tokenizer.token_bytes(), special)
+        self._latencies: deque[float] = deque(maxlen=512)
+        self._reused = self._encoded = 0
+
+    # -- documents ---------------------------------------------------------------------------------------
+
+    def open(self, uri: str, text: str) -> None:
+        """Track a document; its rows are encoded lazily (idle steps or the first completion)."""
+        self.close(uri)
+        self.docs[uri] = DocumentCache(uri, text, self.model.decoder, self.model.tokenizer, self.store,
+                                       mode=self.cache_mode)
+
+    def change(self, uri: str, edits: Sequence[TextEdit]) -> None:
+        """Apply edits in order (LSP semantics). A bad range raises ValueError and changes nothing."""
+        self._doc(uri).apply(edits)
+
+    def close(self, uri: str) -> None:
+        if self.docs.pop(uri, None) is not None:
+            self.store.close(uri)
+
+    def text(self, uri: str) -> str:
+        return self._doc(uri).text
+
+    def _doc(self, uri: str) -> DocumentCache:
+        try:
+            return self.docs[uri]
+        except KeyError:
+            raise KeyError(f"document {uri} is not open") from None
+
+    # -- completion --------------------------------------------------------------------------------------
+
+    def complete(self, uri: str, offset: int, options: CompletionOptions,
+                 cancelled: Callable[[], bool] = _never) -> CompletionOutcome:
+        """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
+        doc = self._doc(uri)
+        t0 = time.perf_counter()
+        ctx = doc.context(offset)
+        t1 = time.perf_counter()
+        self._reused += ctx.reused
+        self._encoded += ctx.encoded
+        if not ctx.tail or cancelled():
+            return CompletionOutcome([], {"context_s": t1 - t0}, cancelled())
+        result = greedy_complete(self.model.decoder, self.model.tokenizer, Prompt(ctx.tail, ctx.healed),
+                                 max_tokens=options.max_tokens, stop=self._stop_rule(options),
+                                 healer=self.healer, rows=ctx.rows, position=ctx.position, cancelled=cancelled)
+        stopped = bool(result.timings.get("cancelled"))
+        total = time.perf_counter() - t0
+        if not stopped:
+            self._latencies.append(total)
+        suggestions = [Suggestion(d.text, d.score) for d in result.drafts if d.text.strip()]
+        timings = {"context_s": t1 - t0, **result.timings, "total_s": total}
+        return CompletionOutcome(suggestions, timings, stopped)
+
+    def _stop_rule(self, options: CompletionOptions) -> StopRule | None:
+        return None if options.scope == "multi" else SINGLE_LINE
+
+    # -- idle work ---------------------------------------------------------------------------------------
+
+    def refresh_step(self) -> bool:
+        """One bounded piece of idle work, most recently used document first: encode rows a window still
+        lacks, else re-encode stale rows (per the refresh policy). Returns whether work remains."""
+        for uri in reversed(self.store.lru_order() + [u for u in self.docs if u not in self.store]):
+            doc = self.docs.get(uri)
+            if doc is None:
+                continue
+            if doc.pending_tokens() > 0 and doc.encode_step():
+                return True
+            if self._wants_refresh(doc) and doc.refresh_step():
+                return True
+        return False
+
+    def _wants_refresh(self, doc: DocumentCache) -> bool:
+        if self.refresh == "off":
+            return False
+        stale = doc.stale_rows()
+        return stale > 0 if self.refresh == "idle" else stale >= self.refresh_threshold
+
+    # -- settings and statistics -------------------------------------------------------------------------
+
+    def configure(self, *, cache_mode: str | None = None, budget_mb: float | None = None,
+                  refresh: str | None = None) -> None:
+        if cache_mode is not None:
+            if cache_mode not in SPLICE_MODES:
+                raise ValueError(f"cache mode must be one of {', '.join(SPLICE_MODES)}, not {cache_mode!r}")
+            self.cache_mode = cache_mode
+            for doc in self.docs.values():
+                doc.mode = cache_mode
+        if refresh is not None:
+            if refresh not in REFRESH_POLICIES:
+                raise ValueError(f"refresh policy must be one of {', '.join(REFRESH_POLICIES)}, not {refresh!r}")
+            self.refresh = refresh
+        if budget_mb is not None:
+            if budget_mb <= 0:
+                raise ValueError(f"memory budget must be positive, not {budget_mb}")
+            self.store.budget_bytes = int(budget_mb * 2**20)
+            self.store.evict_to_budget()
+
+    def stats(self) -> dict[str, Any]:
+        store = self.store.stats()
+        latencies = sorted(self._latencies)
+        built = self._reused + self._encoded
+        return {
+            "model": self.model.name,
+            "documents": len(self.docs),
+            "buffers_in_memory": store.buffers,
+            "cached_tokens": store.tokens,
+            "cache_bytes": store.bytes_used,
+            "bytes_per_token": round(store.bytes_per_token, 1),
+            "budget_bytes": self.store.budget_bytes,
+            "evictions": store.evictions,
+            "restores": store.restores,
+            "stale_rows": sum(doc.stale_rows() for doc in self.docs.values()),
+            "reuse_ratio": round(self._reused / built, 4) if built else None,
+            "completions": len(latencies),
+            "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
+            "latency_p90_ms": round(1000 * latencies[int(0.9 * (len(latencies) - 1))], 1) if latencies else None,
+            "cache_mode": self.cache_mode,
+            "refresh": self.refresh,
+        }

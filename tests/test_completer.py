@@ -1,0 +1,97 @@
+"""Completer: documents in, drafts out, from cached rows; idle work; settings."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from inference.generate import greedy_complete
+from inference.prompt import fim_prompt
+from kv_cache.edits import TextEdit
+from lsp_server.completer import Completer, CompletionOptions
+
+SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")[:3000]
+URI = "file:///w/textwrap.py"
+
+
+@pytest.fixture
+def completer(tiny_model_fp32) -> Completer:
+    return Completer(tiny_model_fp32, budget_mb=64)
+
+
+def test_completion_at_end_of_document_equals_plain_greedy_fim(completer, tiny_model_fp32):
+    """Nothing after the cursor: the cached context is exact, so the draft is the plain pipeline's."""
+    text = SOURCE + "def indent_all(lines):\n    "
+    completer.open(URI, text)
+    outcome = completer.complete(URI, len(text), CompletionOptions(max_tokens=12, scope="multi"))
+    model = tiny_model_fp32
+    expected = greedy_complete(model.decoder, model.tokenizer, fim_prompt(model.tokenizer, text, ""),
+                               max_tokens=12, stop=None).drafts[0]
+    assert [s.text for s in outcome.suggestions] == ([expected.text] if expected.text.strip() else [])
+    assert not outcome.cancelled
+
+
+def test_idle_steps_encode_the_document_then_refresh_edits(completer):
+    completer.open(URI, SOURCE)
+    steps = 0
+    while completer.refresh_step():
+        steps += 1
+    assert steps >= 2  # a 3,000-character file takes several bounded chunks
+    assert completer.stats()["cached_tokens"] > 500
+    completer.change(URI, [TextEdit(10, 10, "import os\n")])
+    assert completer.stats()["stale_rows"] > 0
+    while completer.refresh_step():
+        pass
+    assert completer.stats()["stale_rows"] == 0
+
+
+def test_refresh_policy_off_leaves_stale_rows(completer):
+    completer.configure(refresh="off")
+    completer.open(URI, SOURCE)
+    while completer.refresh_step():
+        pass
+    completer.change(URI, [TextEdit(10, 10, "import os\n")])
+    assert not completer.refresh_step()
+    assert completer.stats()["stale_rows"] > 0
+
+
+def test_cancelled_request_returns_quickly_and_says_so(completer):
+    completer.open(URI, SOURCE)
+    calls = []
+
+    def cancelled() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    outcome = completer.complete(URI, 1000, CompletionOptions(max_tokens=50, scope="multi"), cancelled)
+    assert outcome.cancelled
+    assert len(calls) <= 5
+
+
+def test_reuse_ratio_counts_borrowed_rows(completer):
+    completer.open(URI, SOURCE)
+    completer.complete(URI, 1500, CompletionOptions(max_tokens=2))
+    stats = completer.stats()
+    assert stats["reuse_ratio"] > 0.9 and stats["completions"] == 1
+
+
+def test_unknown_document_and_bad_settings_are_errors(completer):
+    with pytest.raises(KeyError, match="not open"):
+        completer.complete("file:///nope.py", 0, CompletionOptions())
+    with pytest.raises(ValueError, match="cache mode"):
+        completer.configure(cache_mode="fast")
+    with pytest.raises(ValueError, match="refresh"):
+        completer.configure(refresh="sometimes")
+    completer.open(URI, "x = 1\n")
+    with pytest.raises(ValueError):
+        completer.change(URI, [TextEdit(3, 40, "")])
+    assert completer.text(URI) == "x = 1\n"
+
+
+def test_closed_documents_free_their_rows(completer):
+    completer.open(URI, SOURCE)
+    completer.complete(URI, 100, CompletionOptions(max_tokens=1))
+    completer.close(URI)
+    assert completer.stats()["cached_tokens"] == 0 and completer.stats()["documents"] == 0

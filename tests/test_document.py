@@ -1,0 +1,168 @@
+"""DocumentCache: the window of rows follows edits and cursors, refresh makes rows exact, FIM context."""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.generate import KVRows, prefill
+from kv_cache.buffer_cache import BufferCache
+from kv_cache.document import DocumentCache, WindowBudget
+from kv_cache.edits import TextEdit
+from kv_cache.store import BufferStore
+
+SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+
+
+def _doc(model, text: str, budget: WindowBudget = WindowBudget(), mode: str = "pie") -> DocumentCache:
+    store = BufferStore(1024, None, "test", decoder=model.decoder)
+    return DocumentCache("file:///a.py", text, model.decoder, model.tokenizer, store, mode=mode, budget=budget)
+
+
+def _drain_refresh(doc: DocumentCache) -> None:
+    while doc.refresh_step():
+        pass
+
+
+def _assert_matches_fresh_encode(model, doc: DocumentCache) -> None:
+    """Rows hold [fim_prefix] + the window's tokens, at positions 0..n-1, equal to a fresh encode."""
+    rows = doc.cache()
+    expected_ids = [model.tokenizer.specials.fim_prefix, *doc.ids[doc.lo:doc.hi]]
+    assert rows.ids.tolist() == expected_ids
+    assert rows.positions.tolist() == list(range(len(expected_ids)))
+    fresh = BufferCache(model.decoder)
+    fresh.encode(expected_ids)
+    for a, b in zip(rows.past()[0] + rows.past()[1], fresh.past()[0] + fresh.past()[1]):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+
+
+def _random_edit(rng: random.Random, text: str) -> TextEdit:
+    start = rng.randrange(len(text) + 1)
+    end = min(len(text), start + rng.choice([0, 0, 1, 5, 40]))
+    insert = rng.choice(["", "x", "    return value\n", "é", "\n", "(a, b)", "\r\n\t# comment ü\n"])
+    return TextEdit(start, end, insert)
+
+
+def test_rows_follow_random_edits_and_refresh_makes_them_exact(tiny_model_fp32):
+    rng = random.Random(5)
+    doc = _doc(tiny_model_fp32, SOURCE[:2500])
+    doc.ensure_rows()
+    for _ in range(12):
+        doc.apply([_random_edit(rng, doc.text) for _ in range(1)])
+        assert doc.ids == tiny_model_fp32.tokenizer.encode(doc.text)
+    assert doc.stale_rows() > 0
+    _drain_refresh(doc)
+    assert doc.stale_rows() == 0
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_multi_place_edit_in_one_change(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:1500])
+    doc.ensure_rows()
+    # LSP order: each edit's offsets refer to the text after the previous edits.
+    doc.apply([TextEdit(1200, 1210, "pass\n"), TextEdit(100, 100, "import os\n"), TextEdit(10, 20, "")])
+    assert doc.ids == tiny_model_fp32.tokenizer.encode(doc.text)
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_window_moves_with_the_cursor_and_stays_within_budget(tiny_model_fp32):
+    budget = WindowBudget(prefix=96, suffix=32, slack=32)
+    doc = _doc(tiny_model_fp32, SOURCE[:8000], budget)
+    n = len(doc.ids)
+    assert n > 600
+    for cursor_char in (7000, 7300, 200, 4000, 3900, len(doc.text)):
+        ctx = doc.context(cursor_char)
+        rows = doc.cache()
+        assert len(rows) <= 1 + budget.prefix + budget.suffix + 2 * budget.slack
+        cursor_token = int(np.searchsorted(doc.doc.starts, cursor_char))
+        assert doc.lo <= max(0, cursor_token - budget.prefix) + budget.slack
+        assert ctx.prefix == doc.text[:cursor_char]
+        assert rows.ids.tolist()[1:] == doc.ids[doc.lo:doc.hi]
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_edits_outside_the_window_move_it_without_touching_rows(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:8000], WindowBudget(prefix=96, suffix=32, slack=32))
+    doc.context(6000)
+    lo, hi, before = doc.lo, doc.hi, doc.cache().ids.tolist()
+    doc.apply([TextEdit(0, 0, "import sys\nimport os\n")])  # far above the window
+    assert doc.cache().ids.tolist() == before and doc.stale_rows() == 0
+    assert doc.lo > lo and doc.hi - doc.lo == hi - lo
+    assert doc.cache().ids.tolist()[1:] == doc.ids[doc.lo:doc.hi]
+
+
+def test_context_at_end_of_document_equals_a_fresh_fim_prompt(tiny_model_fp32):
+    """With nothing after the cursor no row is borrowed, so the logits are exactly a fresh encode's."""
+    model, text = tiny_model_fp32, SOURCE[:1200]
+    doc = _doc(model, text)
+    ctx = doc.context(len(text))
+    logits = model.decoder.forward(np.asarray(ctx.tail), np.arange(ctx.position, ctx.position + 1),
+                                   ctx.rows.keys, ctx.rows.values).logits[-1]
+    sp = model.tokenizer.specials
+    ids = model.tokenizer.encode(text)
+    assert ctx.healed == model.tokenizer.token_bytes()[ids[-1]]
+    _, expected = prefill(model.decoder, [sp.fim_prefix, *ids[:-1], sp.fim_suffix, sp.fim_middle])
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("cursor", [0, 37, 500, 1199])
+def test_context_borrows_suffix_rows_at_the_right_positions(tiny_model_fp32, cursor):
+    model, text = tiny_model_fp32, SOURCE[:1200]
+    doc = _doc(model, text)
+    ctx = doc.context(cursor)
+    sp = model.tokenizer.specials
+    assert ctx.tail == [sp.fim_middle]
+    assert ctx.rows.length == ctx.position  # positions 0..position-1, no gap before the tail
+    assert ctx.prefix + ctx.suffix == text
+    healed = ctx.healed.decode("utf-8")
+    assert ctx.prefix.endswith(healed)
+    # The prefix rows are exact: they equal a fresh encode of [fim_prefix] + the prefix tokens.
+    prefix_ids = model.tokenizer.encode(ctx.prefix[: len(ctx.prefix) - len(healed)])
+    fresh, _ = prefill(model.decoder, [sp.fim_prefix, *prefix_ids]) if prefix_ids else (None, None)
+    if fresh is not None:
+        np.testing.assert_allclose(ctx.rows.keys[0][:, :fresh.length], fresh.keys[0], atol=2e-4)
+
+
+def test_context_rejects_a_cursor_outside_the_text(tiny_model):
+    doc = _doc(tiny_model, "x = 1\n")
+    with pytest.raises(ValueError, match="outside"):
+        doc.context(7)
+
+
+def test_bad_edit_leaves_text_and_rows_alone(tiny_model):
+    doc = _doc(tiny_model, "x = 1\n")
+    doc.ensure_rows()
+    before = doc.cache().ids.tolist()
+    with pytest.raises(ValueError):
+        doc.apply([TextEdit(0, 1, "y"), TextEdit(3, 99, "")])
+    assert doc.text == "x = 1\n" and doc.cache().ids.tolist() == before
+
+
+def test_empty_document_completes_from_the_marker(tiny_model):
+    doc = _doc(tiny_model, "")
+    ctx = doc.context(0)
+    assert ctx.healed == b"" and ctx.rows.length == 2  # fim_prefix, fim_suffix
+    doc.apply([TextEdit(0, 0, "def f():\n")])
+    assert doc.context(len(doc.text)).prefix == "def f():\n"
+
+
+def test_rows_follow_edits_made_before_the_first_encode(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:600])
+    doc.apply([TextEdit(0, 0, "# header\n")])
+    doc.context(300)
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_kvrows_of_context_do_not_alias_the_cache(tiny_model):
+    doc = _doc(tiny_model, SOURCE[:600])
+    ctx = doc.context(300)
+    before = doc.cache().past()[0][0].copy()
+    ctx.rows.keys[0][...] = 0.0
+    np.testing.assert_array_equal(doc.cache().past()[0][0], before)
+    assert isinstance(ctx.rows, KVRows)
