@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +215,10 @@ def format_cell(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}" if value < 10 else f"{value:.0f}"
 
 
-def format_table(groups: dict[str, dict[str, Any]]) -> str:
-    lines = ["| group | " + " | ".join(TABLE_COLUMNS) + " |", "|---|" + "---:|" * len(TABLE_COLUMNS)]
+def format_table(groups: dict[str, dict[str, Any]], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    lines = ["| group | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, summary in groups.items():
-        lines.append(f"| {name} | " + " | ".join(format_cell(summary[c]) for c in TABLE_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_cell(summary[c]) for c in columns) + " |")
     return "\n".join(lines)
 
 

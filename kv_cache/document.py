@@ -60,6 +60,7 @@ class CursorContext:
     healed: bytes  # the text between the last whole prefix token and the cursor, for token healing
     prefix: str  # the document before / after the cursor (for stopping rules)
     suffix: str
+    prefix_rows: int  # rows[:prefix_rows] are the prompt's prefix (marker included), the rest its suffix
     reused: int  # rows taken from the cache
     encoded: int  # tokens run through the model to build the context (tail excluded)
 
@@ -243,10 +244,11 @@ class DocumentCache:
         prefix, suffix = text[:offset], text[offset:]
         if not self.fim:
             if not prefix_rows:
-                return CursorContext(past, [], 0, healed, prefix, suffix, 0, 0)
+                return CursorContext(past, [], 0, healed, prefix, suffix, 0, 0, 0)
             tail = [int(rows.ids[prefix_rows - 1])]
             past = KVRows(*rows.past(prefix_rows - 1))
-            return CursorContext(past, tail, position - 1, healed, prefix, suffix, prefix_rows - 1, 0)
+            return CursorContext(past, tail, position - 1, healed, prefix, suffix, prefix_rows - 1, prefix_rows - 1,
+                                 0)
 
         head = [self.fim[1], *self.tokenizer.encode(split)] if split else [self.fim[1]]
         out = self.decoder.forward(np.asarray(head), np.arange(position, position + len(head)), past.keys,
@@ -262,5 +264,5 @@ class DocumentCache:
             keys = [rerotate_keys(k, shift, cfg.head_dim, cfg.rope_theta) for k in keys]
             past.append(keys, values)
             position += last - first
-        return CursorContext(past, [self.fim[2]], position, healed, prefix, suffix,
+        return CursorContext(past, [self.fim[2]], position, healed, prefix, suffix, prefix_rows,
                              prefix_rows + last - first, len(head))
