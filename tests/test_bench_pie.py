@@ -107,3 +107,15 @@ def test_pie_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Pa
     printed = capsys.readouterr().out
     assert "| group | n | n_targets | em_pie |" in printed and "| kind=delete |" in printed
     assert str(out) in printed
+
+
+def test_update_time_plot_has_one_dot_per_record_and_mode() -> None:
+    from bench.plot import update_time_svg
+
+    summary = {"records": [{"tokens": 100 * i, "update_s": {"pie": 0.01 * i, "conflict-fast": 0.01, "full": i}}
+                           for i in range(1, 6)]}
+    svg = update_time_svg(summary)
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<circle") == 5 * 3 + 3  # dots plus the legend
+    with pytest.raises(ValueError, match="no records"):
+        update_time_svg({"records": []})
