@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference.generate import SINGLE_LINE, StopRule, greedy_complete
+from inference.generate import greedy_complete
 from inference.healing import TokenHealer
 from inference.model_store import LoadedModel
 from inference.prompt import Prompt
+from inference.syntax import SyntaxStop, finish
 from kv_cache.buffer_cache import SPLICE_MODES
 from kv_cache.document import DocumentCache
 from kv_cache.edits import TextEdit
@@ -60,6 +61,7 @@ class Completer:
         self.model = model
         self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder)
         self.docs: dict[str, DocumentCache] = {}
+        self.languages: dict[str, str] = {}
         self.cache_mode, self.refresh, self.refresh_threshold = "pie", "idle", refresh_threshold
         self.configure(cache_mode=cache_mode, refresh=refresh)
         special = model.tokenizer.specials.stop
@@ -69,11 +71,13 @@ class Completer:
 
     # -- documents ---------------------------------------------------------------------------------------
 
-    def open(self, uri: str, text: str) -> None:
-        """Track a document; its rows are encoded lazily (idle steps or the first completion)."""
+    def open(self, uri: str, text: str, language: str = "python") -> None:
+        """Track a document (`language`: its LSP language id); rows are encoded lazily (idle steps or the
+        first completion)."""
         self.close(uri)
         self.docs[uri] = DocumentCache(uri, text, self.model.decoder, self.model.tokenizer, self.store,
                                        mode=self.cache_mode)
+        self.languages[uri] = language
 
     def change(self, uri: str, edits: Sequence[TextEdit]) -> None:
         """Apply edits in order (LSP semantics). A bad range raises ValueError and changes nothing."""
@@ -82,6 +86,7 @@ class Completer:
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is not None:
             self.store.close(uri)
+        self.languages.pop(uri, None)
 
     def text(self, uri: str) -> str:
         return self._doc(uri).text
@@ -105,19 +110,19 @@ class Completer:
         self._encoded += ctx.encoded
         if not ctx.tail or cancelled():
             return CompletionOutcome([], {"context_s": t1 - t0}, cancelled())
+        language = self.languages[uri]
+        stop = SyntaxStop(ctx.prefix, ctx.suffix, None if options.scope == "auto" else options.scope, language)
         result = greedy_complete(self.model.decoder, self.model.tokenizer, Prompt(ctx.tail, ctx.healed),
-                                 max_tokens=options.max_tokens, stop=self._stop_rule(options),
-                                 healer=self.healer, rows=ctx.rows, position=ctx.position, cancelled=cancelled)
+                                 max_tokens=options.max_tokens, stop=stop, healer=self.healer, rows=ctx.rows,
+                                 position=ctx.position, cancelled=cancelled)
         stopped = bool(result.timings.get("cancelled"))
         total = time.perf_counter() - t0
         if not stopped:
             self._latencies.append(total)
-        suggestions = [Suggestion(d.text, d.score) for d in result.drafts if d.text.strip()]
+        texts = [(finish(d.text, ctx.prefix, ctx.suffix, language), d.score) for d in result.drafts]
+        suggestions = [Suggestion(text, score) for text, score in texts if text.strip()]
         timings = {"context_s": t1 - t0, **result.timings, "total_s": total}
         return CompletionOutcome(suggestions, timings, stopped)
-
-    def _stop_rule(self, options: CompletionOptions) -> StopRule | None:
-        return None if options.scope == "multi" else SINGLE_LINE
 
     # -- idle work ---------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import pytest
 
 from inference.generate import greedy_complete
 from inference.prompt import fim_prompt
+from inference.syntax import SyntaxStop, finish
 from kv_cache.edits import TextEdit
 from lsp_server.completer import Completer, CompletionOptions
 
@@ -27,9 +28,10 @@ def test_completion_at_end_of_document_equals_plain_greedy_fim(completer, tiny_m
     completer.open(URI, text)
     outcome = completer.complete(URI, len(text), CompletionOptions(max_tokens=12, scope="multi"))
     model = tiny_model_fp32
-    expected = greedy_complete(model.decoder, model.tokenizer, fim_prompt(model.tokenizer, text, ""),
-                               max_tokens=12, stop=None).drafts[0]
-    assert [s.text for s in outcome.suggestions] == ([expected.text] if expected.text.strip() else [])
+    draft = greedy_complete(model.decoder, model.tokenizer, fim_prompt(model.tokenizer, text, ""),
+                            max_tokens=12, stop=SyntaxStop(text, "", "multi")).drafts[0]
+    expected = finish(draft.text, text, "")
+    assert [s.text for s in outcome.suggestions] == ([expected] if expected.strip() else [])
     assert not outcome.cancelled
 
 
