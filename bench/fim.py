@@ -74,13 +74,11 @@ class LayoutPredictor:
         borrowed_s = time.perf_counter() - t0
         fresh_rows, fresh_position, fresh_s = self.fresh_suffix(ctx, doc.budget.suffix)
         sp = self.model.tokenizer.specials
-        last = ctx.prefix_rows - 1  # the prefix's last row, re-fed as the prefix layout's tail
-        prefix_rows = first_rows(ctx.rows, last)
-        tail = doc.cache().ids[last]
+        plain = doc.context(cursor, with_suffix=False)
         predictions = {
             "borrowed": self.decode(ctx.rows, ctx.tail, ctx.position, ctx.healed),
             "fresh": self.decode(fresh_rows, [sp.fim_middle], fresh_position, ctx.healed),
-            "prefix": self.decode(prefix_rows, [int(tail)], last, ctx.healed),
+            "prefix": self.decode(plain.rows, plain.tail, plain.position, plain.healed),
         }
         return predictions, {"borrowed_s": borrowed_s, "fresh_s": fresh_s}
 

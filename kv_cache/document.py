@@ -223,8 +223,12 @@ class DocumentCache:
 
     # -- completion context ------------------------------------------------------------------------------
 
-    def context(self, offset: int) -> CursorContext:
-        """Rows and tail ids to complete at character `offset`, borrowing rows for the prefix and the suffix."""
+    def context(self, offset: int, *, with_suffix: bool = True) -> CursorContext:
+        """Rows and tail ids to complete at character `offset`, borrowing rows for the prefix and the suffix.
+
+        Without FIM tokens, or with `with_suffix=False`, the prompt is the prefix alone and its last token
+        is the tail (prefix layout).
+        """
         if not 0 <= offset <= len(self.doc.text):
             raise ValueError(f"cursor offset {offset} is outside the document's {len(self.doc.text)} characters")
         starts, text = self.doc.starts, self.doc.text
@@ -239,16 +243,15 @@ class DocumentCache:
         self.focus(whole)
         rows = self.ensure_rows()
         prefix_rows = self._row(max(whole, self.lo))
+        prefix, suffix = text[:offset], text[offset:]
+        if not self.fim or not with_suffix:
+            if not prefix_rows:
+                return CursorContext(KVRows(*rows.past(0)), [], 0, healed, prefix, suffix, 0, 0, 0)
+            last = prefix_rows - 1
+            return CursorContext(KVRows(*rows.past(last)), [int(rows.ids[last])], int(rows.positions[last]), healed,
+                                 prefix, suffix, last, last, 0)
         past = KVRows(*rows.past(prefix_rows))
         position = int(rows.positions[prefix_rows - 1]) + 1 if prefix_rows else 0
-        prefix, suffix = text[:offset], text[offset:]
-        if not self.fim:
-            if not prefix_rows:
-                return CursorContext(past, [], 0, healed, prefix, suffix, 0, 0, 0)
-            tail = [int(rows.ids[prefix_rows - 1])]
-            past = KVRows(*rows.past(prefix_rows - 1))
-            return CursorContext(past, tail, position - 1, healed, prefix, suffix, prefix_rows - 1, prefix_rows - 1,
-                                 0)
 
         head = [self.fim[1], *self.tokenizer.encode(split)] if split else [self.fim[1]]
         out = self.decoder.forward(np.asarray(head), np.arange(position, position + len(head)), past.keys,

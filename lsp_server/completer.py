@@ -24,6 +24,7 @@ from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
 
 REFRESH_POLICIES = ("off", "idle", "threshold")
+LAYOUTS = ("auto", "fim", "prefix")
 SCOPES = ("auto", "single", "multi")
 
 
@@ -33,6 +34,7 @@ class CompletionOptions:
     drafts: int = 3
     scope: str = "auto"  # "auto" | "single" | "multi"
     speculative: bool = True
+    layout: str = "auto"  # "auto" | "fim" | "prefix": see prompt_layout
 
 
 @dataclass
@@ -51,6 +53,19 @@ class CompletionOutcome:
 
 def _never() -> bool:
     return False
+
+
+def uses_suffix(layout: str, text: str, offset: int) -> bool:
+    """Whether the prompt includes the text after the cursor (FIM) or ends at the cursor (prefix layout).
+
+    "auto" uses FIM only when code follows the cursor on its line. At the end of a line, the default
+    model (an Instruct fine-tune) predicts the next line better from the prefix alone: bench/fim.py
+    measures both layouts.
+    """
+    if layout != "auto":
+        return layout == "fim"
+    line_end = text.find("\n", offset)
+    return bool(text[offset:line_end if line_end >= 0 else len(text)].strip())
 
 
 class Completer:
@@ -104,7 +119,7 @@ class Completer:
         """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
         doc = self._doc(uri)
         t0 = time.perf_counter()
-        ctx = doc.context(offset)
+        ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset))
         t1 = time.perf_counter()
         self._reused += ctx.reused
         self._encoded += ctx.encoded

@@ -11,7 +11,7 @@ from inference.generate import greedy_complete
 from inference.prompt import fim_prompt
 from inference.syntax import SyntaxStop, finish
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions
+from lsp_server.completer import Completer, CompletionOptions, uses_suffix
 
 SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")[:3000]
 URI = "file:///w/textwrap.py"
@@ -26,7 +26,7 @@ def test_completion_at_end_of_document_equals_plain_greedy_fim(completer, tiny_m
     """Nothing after the cursor: the cached context is exact, so the draft is the plain pipeline's."""
     text = SOURCE + "def indent_all(lines):\n    "
     completer.open(URI, text)
-    outcome = completer.complete(URI, len(text), CompletionOptions(max_tokens=12, scope="multi"))
+    outcome = completer.complete(URI, len(text), CompletionOptions(max_tokens=12, scope="multi", layout="fim"))
     model = tiny_model_fp32
     draft = greedy_complete(model.decoder, model.tokenizer, fim_prompt(model.tokenizer, text, ""),
                             max_tokens=12, stop=SyntaxStop(text, "", "multi")).drafts[0]
@@ -97,3 +97,15 @@ def test_closed_documents_free_their_rows(completer):
     completer.complete(URI, 100, CompletionOptions(max_tokens=1))
     completer.close(URI)
     assert completer.stats()["cached_tokens"] == 0 and completer.stats()["documents"] == 0
+
+
+@pytest.mark.parametrize(("layout", "text", "offset", "expected"), [
+    ("auto", "x = f(\n", 6, False),  # end of line: prefix layout
+    ("auto", "x = f()\n", 6, True),  # code after the cursor: FIM
+    ("auto", "x = f(   \r\ny", 6, False),
+    ("auto", "x = 1", 5, False),
+    ("fim", "x = 1\n", 5, True),
+    ("prefix", "x = f()\n", 6, False),
+])
+def test_layout_choice(layout, text, offset, expected):
+    assert uses_suffix(layout, text, offset) is expected

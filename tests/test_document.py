@@ -166,3 +166,13 @@ def test_kvrows_of_context_do_not_alias_the_cache(tiny_model):
     ctx.rows.keys[0][...] = 0.0
     np.testing.assert_array_equal(doc.cache().past()[0][0], before)
     assert isinstance(ctx.rows, KVRows)
+
+
+def test_prefix_layout_feeds_the_last_prefix_token_without_a_suffix(tiny_model_fp32):
+    model, text = tiny_model_fp32, SOURCE[:1200]
+    doc = _doc(model, text)
+    ctx = doc.context(500, with_suffix=False)
+    fim = doc.context(500)
+    assert ctx.rows.length == ctx.position == fim.prefix_rows - 1
+    assert ctx.tail == [int(doc.cache().ids[fim.prefix_rows - 1])] and ctx.healed == fim.healed
+    np.testing.assert_array_equal(ctx.rows.keys[-1], fim.rows.keys[-1][:, :ctx.rows.length])
