@@ -113,3 +113,12 @@ def test_decoding_can_continue_a_cache_without_changing_it(tiny_model):
     fresh = greedy_complete(decoder, tok, Prompt(ids, b""), max_tokens=6, stop=None)
     assert continued.drafts[0].token_ids == fresh.drafts[0].token_ids
     assert all((a == b).all() for a, b in zip(before, rows.keys)) and rows.length == len(ids) - 3
+
+
+def test_completion_text_drops_an_unfinished_character_at_the_end():
+    from inference.generate import completion_text
+
+    assert completion_text("é".encode()[:1]) == ""
+    assert completion_text(b"ab" + "é".encode()[:1]) == "ab"
+    assert completion_text("aé".encode()) == "aé"
+    assert completion_text(b"a\xffb") == "a\ufffdb"  # invalid bytes inside stay visible
