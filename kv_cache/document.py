@@ -160,7 +160,10 @@ class DocumentCache:
     def focus(self, cursor_token: int) -> None:
         """Set the window the cursor needs (rows are built by `encode_step`, or at once by `ensure_rows`)."""
         n, b = len(self.doc.ids), self.budget
-        want_lo, want_hi = max(0, cursor_token - b.prefix), min(n, cursor_token + b.suffix)
+        if n <= b.prefix + b.suffix + b.slack:  # the whole document fits: keep all of it
+            want_lo, want_hi = 0, n
+        else:
+            want_lo, want_hi = max(0, cursor_token - b.prefix), min(n, cursor_token + b.suffix)
         rows = self.cache()
         if rows is None or want_lo > self.hi or want_hi < self.lo:
             if rows is not None:
@@ -185,6 +188,11 @@ class DocumentCache:
     def encode_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
         """Encode up to `max_tokens` of the window that have no rows yet; returns how many."""
         rows = self.cache()
+        if rows is None and self.target_hi > self.lo:  # a reopened document: its rows may be on disk
+            self.hi = self.target_hi
+            rows = self.store.restore(self.uri, self._row_ids())
+            if rows is not None:
+                return 0
         if rows is None:
             rows = BufferCache(self.decoder, capacity=self._marker + self.target_hi - self.lo + self.budget.slack)
             self.hi = self.lo

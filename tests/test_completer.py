@@ -109,3 +109,17 @@ def test_closed_documents_free_their_rows(completer):
 ])
 def test_layout_choice(layout, text, offset, expected):
     assert uses_suffix(layout, text, offset) is expected
+
+
+def test_reopened_document_restores_its_rows_from_disk(tiny_model_fp32, tmp_path):
+    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    completer.open(URI, SOURCE)
+    while completer.refresh_step():
+        pass
+    first = completer.complete(URI, 1500, CompletionOptions(max_tokens=4))
+    completer.close(URI)
+    completer.open(URI, SOURCE)
+    assert not completer.refresh_step()  # restored in one step: nothing left to encode
+    assert completer.stats()["restores"] == 1 and completer.stats()["cached_tokens"] > 500
+    again = completer.complete(URI, 1500, CompletionOptions(max_tokens=4))
+    assert [s.text for s in again.suggestions] == [s.text for s in first.suggestions]
