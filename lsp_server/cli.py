@@ -70,6 +70,13 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "fim":
+        from bench.fim import run_fim_bench
+        from bench.pie import DEFAULT_DATA
+
+        run_fim_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit or 20, json_out=args.json_out,
+                      cache=args.cache_dir)
+        return 0
     if args.suite == "pie":
         from bench.pie import DEFAULT_DATA, run_pie_bench
 
@@ -80,6 +87,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_engine_bench(args.model, json_out=args.json_out, cache=args.cache_dir, quick=args.quick)
     return 0
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lsp_server.options import ServerOptions
+    from lsp_server.server import serve
+
+    cache = args.cache_dir or cache_root()
+    options = ServerOptions(model=args.model, quantization=args.quantization, log_level=args.log_level)
+    return serve(options, cache_dir=args.cache_dir, threads=args.threads, device=args.device, tcp=args.tcp,
+                 log_file=args.log_file, persist_dir=None if args.no_persist else cache / "buffers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,13 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantization", default=DEFAULT_QUANTIZATION, choices=sorted(QUANTIZATIONS))
     model.set_defaults(func=cmd_model)
 
+    serve = sub.add_parser("serve", help="run the language server (stdio, or --tcp HOST:PORT)")
+    serve.add_argument("--tcp", type=_host_port, default=None, metavar="HOST:PORT",
+                       help="listen on a TCP socket instead of stdio (for debugging)")
+    serve.add_argument("--log-file", type=Path, default=None, help="also write the log here")
+    serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
+    serve.add_argument("--no-persist", action="store_true",
+                       help="do not save closed or evicted buffers' caches under the cache dir")
+    _model_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("suite", choices=["engine", "pie"])
+    bench.add_argument("suite", choices=["engine", "pie", "fim"])
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
     bench.add_argument("--quick", action="store_true", help="engine: fewer repetitions and sizes (smoke test)")
-    bench.add_argument("--data", type=Path, default=None, help="pie: edits file, JSON lines (default: the dev set)")
-    bench.add_argument("--limit", type=int, default=None, help="pie: only the first N records")
+    bench.add_argument("--data", type=Path, default=None,
+                       help="pie, fim: edits file, JSON lines (default: the dev set)")
+    bench.add_argument("--limit", type=int, default=None,
+                       help="pie, fim: only the first N records (fim: 20 by default)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,0 +1,611 @@
+"""`superpie serve` end to end: a pytest-lsp client drives the server process over stdio with the tiny model.
+
+The client keeps its own copy of each document and computes positions with Python's codecs (not the
+server's conversion code), so a sync bug shows up as a digest mismatch in `superpie.stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from lsprotocol import types
+from pygls.exceptions import (
+    JsonRpcContentModified,
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcRequestCancelled,
+)
+from pytest_lsp import ClientServerConfig, LanguageClient
+from pytest_lsp.client import make_test_lsp_client
+
+from lsp_server.completer import Completer, CompletionOptions
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SERVER = [sys.executable, "-m", "lsp_server.cli"]
+LONG_PROMPT_CANDIDATES = [  # random-weight model, inside an open string: these decoded for hundreds of tokens
+    'for printdef """',
+    "in 1'''",
+    'a a class \n = (: + , ( x classx = """',
+    'ina )importdoc = """',
+]
+FUNCTION = "def average(values):\n    total = sum(values)\n    return "
+
+
+# -- the client side -----------------------------------------------------------------------------------------------
+
+def capabilities(*, inline: bool = True, utf8: bool = False, progress: bool = True,
+                 configuration: bool = True) -> types.ClientCapabilities:
+    return types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(position_encodings=["utf-8", "utf-16"] if utf8 else ["utf-16"]),
+        window=types.WindowClientCapabilities(work_done_progress=progress),
+        workspace=types.WorkspaceClientCapabilities(configuration=configuration),
+        text_document=types.TextDocumentClientCapabilities(
+            inline_completion=types.InlineCompletionClientCapabilities() if inline else None,
+            completion=types.CompletionClientCapabilities(),
+            hover=types.HoverClientCapabilities(content_format=[types.MarkupKind.Markdown]),
+            synchronization=types.TextDocumentSyncClientCapabilities(did_save=True)),
+    )
+
+
+async def start_server(gguf: Path, cache: Path, *, caps: types.ClientCapabilities | None = None,
+                       init_options: Any = None, configuration: dict | None = None, model: str | None = None,
+                       args: tuple[str, ...] = (), wait: bool = True) -> LanguageClient:
+    command = [*SERVER, "--cache-dir", str(cache), "serve", "--model", model or str(gguf), "--no-persist", *args]
+    client = await ClientServerConfig(server_command=command).start()
+    if configuration is not None:
+        client.set_configuration(configuration, section="superpie")
+    client.init_result = await client.initialize_session(types.InitializeParams(  # type: ignore[attr-defined]
+        capabilities=caps or capabilities(), initialization_options=init_options))
+    if wait:
+        await wait_for_model(client)
+    return client
+
+
+async def stop_server(client: LanguageClient) -> None:
+    await client.shutdown_session()
+    await client.stop()
+
+
+async def stats(client: LanguageClient, uri: str | None = None) -> dict[str, Any]:
+    args = [uri] if uri else None
+    return await client.workspace_execute_command_async(types.ExecuteCommandParams("superpie.stats", args))
+
+
+async def wait_for_model(client: LanguageClient, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = (await stats(client))["server"]["model_state"]
+        if state in ("ready", "failed"):
+            return state
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the model did not load")
+
+
+def utf16_position(text: str, offset: int, encoding: str = "utf-16") -> types.Position:
+    before = text[:offset].replace("\r\n", "\n").replace("\r", "\n")
+    column = before[before.rfind("\n") + 1:]
+    width = len(column.encode("utf-16-le")) // 2 if encoding == "utf-16" else len(column.encode("utf-8"))
+    return types.Position(before.count("\n"), width)
+
+
+class Doc:
+    """The client's copy of one open document."""
+
+    def __init__(self, client: LanguageClient, uri: str, text: str, language: str = "python",
+                 encoding: str = "utf-16") -> None:
+        self.client, self.uri, self.text, self.version, self.encoding = client, uri, text, 1, encoding
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            types.TextDocumentItem(uri, language, self.version, text)))
+
+    def pos(self, offset: int) -> types.Position:
+        return utf16_position(self.text, offset, self.encoding)
+
+    def edit(self, start: int, end: int, new: str) -> None:
+        rng = types.Range(self.pos(start), self.pos(end))
+        self.text = self.text[:start] + new + self.text[end:]
+        self.version += 1
+        self.client.text_document_did_change(types.DidChangeTextDocumentParams(
+            types.VersionedTextDocumentIdentifier(version=self.version, uri=self.uri),
+            [types.TextDocumentContentChangePartial(range=rng, text=new)]))
+
+    def inline_params(self, offset: int | None = None, invoked: bool = True) -> types.InlineCompletionParams:
+        kind = types.InlineCompletionTriggerKind.Invoked if invoked else types.InlineCompletionTriggerKind.Automatic
+        return types.InlineCompletionParams(types.InlineCompletionContext(kind), types.TextDocumentIdentifier(self.uri),
+                                            self.pos(len(self.text) if offset is None else offset))
+
+    async def inline(self, offset: int | None = None, invoked: bool = True) -> list[str]:
+        result = await self.client.text_document_inline_completion_async(self.inline_params(offset, invoked))
+        return [item.insert_text for item in result.items]
+
+    async def hover(self, offset: int | None = None) -> types.Hover | None:
+        return await self.client.text_document_hover_async(types.HoverParams(
+            types.TextDocumentIdentifier(self.uri), self.pos(len(self.text) if offset is None else offset)))
+
+    async def assert_in_sync(self) -> None:
+        digest = hashlib.sha256(self.text.encode()).hexdigest()
+        doc = (await stats(self.client, self.uri))["document"]
+        assert doc["version"] == self.version
+        assert doc["sha256"] == digest, "the server's copy differs from the editor's"
+        assert doc["cache_sha256"] == digest, "the buffer cache's text differs from the editor's"
+
+
+def send_raw_request(client: LanguageClient, msg_id: str, method: str, params: Any) -> asyncio.Future:
+    """A request the typed client API would refuse to build; the answer resolves the returned future."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    client.protocol._request_futures[msg_id] = future
+    client.protocol._send_data({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
+    return asyncio.wrap_future(future)
+
+
+# -- fixtures ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_prompt(tiny_model) -> str:
+    return find_long_prompt(tiny_model)
+
+
+def find_long_prompt(model) -> str:
+    """A prompt on which the tiny model decodes for a while (multi-line scope), found in-process: the known
+    candidates first, then a seeded search (the completer's stopping rules change as the project grows)."""
+    completer = Completer(model)
+    rng = random.Random(1)
+    words = ["def", "x", "return", "(", ")", ":", "\n", "    ", "for", "in", "1", "+", "=", "a", "#", "import", "."]
+    searched = (" ".join(rng.choice(words) for _ in range(rng.randint(0, 10))) + rng.choice(['x = """', "'''"])
+                for _ in range(400))
+    for text in [*LONG_PROMPT_CANDIDATES, *searched]:
+        completer.open("probe", text)
+        outcome = completer.complete("probe", len(text), CompletionOptions(max_tokens=1024, scope="multi"))
+        if outcome.timings.get("generated_tokens", 0) >= 300:
+            return text
+    raise AssertionError("no prompt makes the tiny model decode for 300 tokens any more: the tests of cancellation "
+                         "mid-decode need one")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, configuration={})
+    yield client
+    await stop_server(client)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def slow_client(tiny_gguf, tiny_cache):
+    """Multi-line suggestions up to 1024 tokens: with `long_prompt`, a decode lasts about a second."""
+    client = await start_server(tiny_gguf, tiny_cache, init_options={"scope": "multi", "maxTokens": 1024})
+    yield client
+    await stop_server(client)
+
+
+# -- capabilities --------------------------------------------------------------------------------------------------
+
+async def test_advertises_exactly_what_is_implemented(client):
+    result = client.init_result.capabilities
+    assert result.position_encoding == "utf-16"
+    sync = result.text_document_sync
+    assert sync.open_close and sync.change == types.TextDocumentSyncKind.Incremental and sync.save.include_text
+    assert result.inline_completion_provider is not None
+    assert result.hover_provider
+    assert result.completion_provider is None  # the client shows inline completions: no duplicate popup
+    assert set(result.execute_command_provider.commands) == {"superpie.stats", "superpie.refresh"}
+    unimplemented = ["definition_provider", "references_provider", "rename_provider", "signature_help_provider",
+                     "code_action_provider", "document_symbol_provider", "workspace", "diagnostic_provider",
+                     "inline_value_provider", "semantic_tokens_provider", "folding_range_provider"]
+    assert [name for name in unimplemented if getattr(result, name)] == []
+
+
+async def test_model_load_reports_progress(client):
+    begins = [v for values in client.progress_reports.values() for v in values
+              if isinstance(v, types.WorkDoneProgressBegin)]
+    ends = [v for values in client.progress_reports.values() for v in values
+            if isinstance(v, types.WorkDoneProgressEnd)]
+    reports = [v.message for values in client.progress_reports.values() for v in values
+               if isinstance(v, types.WorkDoneProgressReport)]
+    assert any(b.title == "superpie: loading model" for b in begins)
+    assert any(m.startswith("loading") for m in reports)  # the stage (fetching / converting / loading)
+    assert any(e.message.startswith("ready") for e in ends)
+
+
+async def test_log_messages_reach_the_client(client):
+    assert any("ready" in m.message for m in client.log_messages)
+
+
+# -- inline completion ---------------------------------------------------------------------------------------------
+
+async def test_inline_completion_is_the_completers_drafts(client, tiny_model):
+    doc = Doc(client, "file:///inline.py", FUNCTION)
+    items = await doc.inline()
+    expected = Completer(tiny_model)
+    expected.open("x", FUNCTION)
+    outcome = expected.complete("x", len(FUNCTION), CompletionOptions(drafts=3))
+    assert items == [s.text for s in outcome.suggestions][:3]
+    assert items, "the tiny model gave no suggestion for this prompt"
+
+
+async def test_automatic_trigger_returns_the_configured_number_of_drafts(client):
+    doc = Doc(client, "file:///automatic.py", FUNCTION)
+    assert len(await doc.inline(invoked=False)) <= 1
+
+
+async def test_typing_the_start_of_a_suggestion_answers_without_the_model(client):
+    doc = Doc(client, "file:///typed.py", FUNCTION)
+    first = (await doc.inline())[0]
+    before = await stats(client)
+    typed = first[:2] if len(first) > 2 else first[:1]
+    cursor = len(doc.text)
+    doc.edit(cursor, cursor, typed)
+    rest = await doc.inline()
+    after = await stats(client)
+    assert rest[0] == first[len(typed):]
+    hits = [r["server"]["counters"].get("typed_through", 0) for r in (before, after)]
+    assert hits[1] == hits[0] + 1
+    assert after["cache"]["completions"] == before["cache"]["completions"]  # the model did not run
+
+
+async def test_hover_previews_the_latest_drafts_with_scores(client):
+    doc = Doc(client, "file:///hover.py", FUNCTION)
+    items = await doc.inline()
+    hover = await doc.hover()
+    assert hover.contents.kind == types.MarkupKind.Markdown
+    assert "score" in hover.contents.value and items[0] in hover.contents.value
+    assert hover.range.start == doc.pos(len(doc.text))
+
+
+async def test_hover_computes_drafts_when_none_are_shown(client):
+    doc = Doc(client, "file:///hover2.py", "import os\n\nprint(os.")
+    hover = await doc.hover()
+    assert hover is not None and "draft" in hover.contents.value
+
+
+async def test_requests_for_unknown_documents_or_impossible_positions_are_invalid_params(client):
+    doc = Doc(client, "file:///bounds.py", "x = 1\n")
+    with pytest.raises(JsonRpcInvalidParams):
+        await client.text_document_inline_completion_async(types.InlineCompletionParams(
+            types.InlineCompletionContext(types.InlineCompletionTriggerKind.Invoked),
+            types.TextDocumentIdentifier("file:///never-opened.py"), types.Position(0, 0)))
+    with pytest.raises(JsonRpcInvalidParams):
+        await client.text_document_hover_async(types.HoverParams(types.TextDocumentIdentifier(doc.uri),
+                                                                 types.Position(40, 0)))
+    past_line_end = await client.text_document_inline_completion_async(types.InlineCompletionParams(
+        types.InlineCompletionContext(types.InlineCompletionTriggerKind.Invoked),
+        types.TextDocumentIdentifier(doc.uri), types.Position(0, 500)))  # clamps to the line end (LSP spec)
+    assert isinstance(past_line_end, types.InlineCompletionList)
+
+
+# -- text sync -----------------------------------------------------------------------------------------------------
+
+async def test_utf16_edits_with_emoji_cjk_and_crlf_stay_in_sync(client):
+    doc = Doc(client, "file:///unicode.py", "# 😀 héllo\r\nname = '中文'\r\nx = 1\r\n")
+    doc.edit(2, 3, "🎉🎉")  # replace an emoji (2 UTF-16 units) with two
+    cjk = doc.text.index("中")
+    doc.edit(cjk, cjk + 2, "日本語😀")
+    crlf = doc.text.index("\r\n")
+    doc.edit(crlf, crlf + 2, "\n")  # a CRLF becomes LF
+    doc.edit(len(doc.text), len(doc.text), "y = '𝔘'\r\nz")
+    doc.edit(doc.text.index("y"), doc.text.index("y") + 1, "")
+    await doc.assert_in_sync()
+    assert await doc.inline() is not None
+
+
+async def test_utf8_positions_when_the_client_offers_them(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, caps=capabilities(utf8=True))
+    try:
+        assert client.init_result.capabilities.position_encoding == "utf-8"
+        doc = Doc(client, "file:///utf8.py", "s = 'é😀中'\nt = 2\n", encoding="utf-8")
+        doc.edit(doc.text.index("😀"), doc.text.index("😀") + 1, "ü")
+        doc.edit(doc.text.index("t"), doc.text.index("t") + 1, "tt")
+        await doc.assert_in_sync()
+    finally:
+        await stop_server(client)
+
+
+async def test_did_save_with_different_text_resyncs(client):
+    doc = Doc(client, "file:///save.py", "a = 1\n")
+    doc.text, doc.version = "b = 2\nc = 3\n", doc.version  # the editor's copy, which the server never saw
+    client.text_document_did_save(types.DidSaveTextDocumentParams(types.TextDocumentIdentifier(doc.uri), doc.text))
+    await doc.assert_in_sync()
+
+
+async def test_did_close_forgets_the_document(client):
+    doc = Doc(client, "file:///close.py", "a = 1\n")
+    client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(doc.uri)))
+    with pytest.raises(JsonRpcInvalidParams):
+        await doc.inline()
+    assert (await stats(client, doc.uri))["document"] is None
+
+
+async def test_versions_are_tracked(client):
+    doc = Doc(client, "file:///versions.py", "a\n")
+    for i in range(5):
+        doc.edit(0, 0, str(i))
+    assert (await stats(client))["server"]["versions"][doc.uri] == 6
+
+
+async def test_notifications_leave_no_future_behind(client):
+    """pygls 2.1.1 kept one future per notification with a generator or async handler in `_request_futures`
+    (+200 after 200 didChange). Text sync and configuration changes both go through such handlers."""
+    doc = Doc(client, "file:///leak.py", "")
+    before = (await stats(client))["server"]["pending_futures"]
+    for i in range(200):
+        doc.edit(len(doc.text), len(doc.text), "x")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    await doc.assert_in_sync()
+    after = (await stats(client))["server"]["pending_futures"]
+    assert after <= before + 1, f"{after - before} futures left behind by 200 didChange + 200 didChangeConfiguration"
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+async def test_stats_report_cache_sizes_reuse_and_latencies(client):
+    doc = Doc(client, "file:///stats.py", FUNCTION)
+    await doc.inline()
+    result = await stats(client)
+    assert result["cache"]["cached_tokens"] > 0 and result["cache"]["cache_bytes"] > 0
+    assert "reuse_ratio" in result["cache"] and result["cache"]["latency_p50_ms"] is not None
+    assert result["server"]["latency"]["inline"]["n"] >= 1
+    assert result["server"]["rss_mb"] > 0
+
+
+async def test_refresh_re_encodes_stale_rows(client):
+    doc = Doc(client, "file:///refresh.py", FUNCTION * 4)
+    await doc.inline(offset=10)  # builds the rows
+    doc.edit(0, 0, "import math\n")  # later rows go stale
+    result = await client.workspace_execute_command_async(types.ExecuteCommandParams("superpie.refresh"))
+    assert result["stale_rows"] == 0 and result["steps"] >= 1
+
+
+async def test_unknown_command_is_an_error(client):
+    with pytest.raises(JsonRpcException):
+        await client.workspace_execute_command_async(types.ExecuteCommandParams("superpie.nothing"))
+
+
+# -- lifecycle: cancellation and stale results ---------------------------------------------------------------------
+
+async def test_cancel_request_stops_the_generation_mid_decode(slow_client, long_prompt):
+    doc = Doc(slow_client, "file:///cancel.py", long_prompt)
+    await doc.assert_in_sync()
+    t0 = time.perf_counter()
+    pending = asyncio.ensure_future(slow_client.protocol.send_request_async(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, doc.inline_params(), msg_id="cancel-me"))
+    await asyncio.sleep(0.15)
+    slow_client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="cancel-me"))
+    with pytest.raises(JsonRpcRequestCancelled):
+        await pending
+    await _until_worker_idle(slow_client)
+    elapsed = time.perf_counter() - t0
+    full = await _full_decode_seconds(slow_client, long_prompt)
+    assert elapsed < 0.6 * full + 0.15, f"cancelled after {elapsed:.2f} s, a full decode takes {full:.2f} s"
+    counters = (await stats(slow_client))["server"]["counters"]
+    assert counters.get("cancelled_by_client", 0) >= 1
+
+
+async def test_an_edit_cancels_the_generation_and_drops_the_stale_result(slow_client, long_prompt):
+    doc = Doc(slow_client, "file:///stale.py", long_prompt)
+    pending = asyncio.ensure_future(doc.inline())
+    await asyncio.sleep(0.15)
+    doc.edit(0, 0, "# edited\n")
+    with pytest.raises(JsonRpcException) as dropped:
+        await pending
+    assert dropped.value.code == JsonRpcContentModified.CODE
+    counters = (await stats(slow_client))["server"]["counters"]
+    assert counters.get("stale_dropped", 0) >= 1 and counters.get("cancelled_by_edit", 0) >= 1
+    await doc.assert_in_sync()
+
+
+async def test_a_newer_request_supersedes_the_running_one(slow_client, long_prompt):
+    doc = Doc(slow_client, "file:///supersede.py", long_prompt)
+    first = asyncio.ensure_future(doc.inline())
+    await asyncio.sleep(0.15)
+    second = asyncio.ensure_future(doc.inline(offset=len(long_prompt) - 3))
+    assert await first == []  # answered at once, empty: its decode was stopped
+    assert isinstance(await second, list)
+    assert (await stats(slow_client))["server"]["counters"].get("superseded", 0) >= 1
+
+
+async def test_hover_is_answered_while_the_model_decodes(slow_client, long_prompt):
+    doc = Doc(slow_client, "file:///busy.py", long_prompt)
+    other = Doc(slow_client, "file:///other.py", "x = 1\n")
+    pending = asyncio.ensure_future(doc.inline())
+    await asyncio.sleep(0.1)
+    t0 = time.perf_counter()
+    assert await other.hover() is None  # nothing shown there, and the worker is busy: no waiting for it
+    assert time.perf_counter() - t0 < 0.1
+    assert not pending.done()
+    await pending
+
+
+async def _until_worker_idle(client: LanguageClient, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker = (await stats(client))["server"]["worker"]
+        if worker["running"] in (None, "stats") and worker["queued"] == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the worker kept running")
+
+
+async def _full_decode_seconds(client: LanguageClient, prompt: str) -> float:
+    doc = Doc(client, f"file:///full-{time.monotonic_ns()}.py", prompt)
+    t0 = time.perf_counter()
+    await doc.inline()
+    return time.perf_counter() - t0
+
+
+async def test_large_buffer_first_encode_reports_progress(client):
+    body = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400))
+    doc = Doc(client, "file:///large.py", body)
+    await doc.inline()
+    titles = [v.title for values in client.progress_reports.values() for v in values
+              if isinstance(v, types.WorkDoneProgressBegin)]
+    assert "superpie: encoding" in titles
+
+
+# -- completion items for clients without inline completions -------------------------------------------------------
+
+async def test_completion_items_for_clients_without_inline_support(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, caps=capabilities(inline=False))
+    try:
+        assert client.init_result.capabilities.completion_provider is not None
+        doc = Doc(client, "file:///popup.py", FUNCTION)
+        result = await client.text_document_completion_async(types.CompletionParams(
+            types.TextDocumentIdentifier(doc.uri), doc.pos(len(doc.text))))
+        assert result.is_incomplete and result.items
+        item = result.items[0]
+        assert item.text_edit.range.start == doc.pos(len(doc.text))
+        assert item.text_edit.new_text and "score" in item.detail
+    finally:
+        await stop_server(client)
+
+
+# -- settings ------------------------------------------------------------------------------------------------------
+
+async def test_initialization_options_set_the_settings(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, init_options={"superpie": {"drafts": 2, "maxTokens": 7,
+                                                                                  "cacheMode": "full"}})
+    try:
+        result = await stats(client)
+        assert result["server"]["settings"]["drafts"] == 2 and result["server"]["settings"]["maxTokens"] == 7
+        assert result["cache"]["cache_mode"] == "full"
+    finally:
+        await stop_server(client)
+
+
+async def test_invalid_settings_warn_and_fall_back_to_the_defaults(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, init_options={"drafts": "many", "colour": "red"})
+    try:
+        warnings = [m.message for m in client.messages if m.type == types.MessageType.Warning]
+        assert any("drafts" in w and "colour" in w for w in warnings)
+        assert (await stats(client))["server"]["settings"]["drafts"] == 3
+    finally:
+        await stop_server(client)
+
+
+async def test_configuration_changes_are_pulled_and_applied(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, configuration={"maxTokens": 5})
+    try:
+        assert (await stats(client))["server"]["settings"]["maxTokens"] == 5  # pulled at start-up
+        client.set_configuration({"maxTokens": 9, "refresh": "off", "memoryBudgetMb": 64, "logLevel": "debug"},
+                                 section="superpie")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+        result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 9)
+        assert result["cache"]["refresh"] == "off" and result["cache"]["budget_bytes"] == 64 * 2**20
+        client.set_configuration({"scope": "sideways"}, section="superpie")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+        result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 64)
+        assert result["server"]["settings"]["scope"] == "auto"
+        assert any("sideways" in m.message for m in client.messages)
+    finally:
+        await stop_server(client)
+
+
+async def test_pushed_settings_apply_without_pull_support(tiny_gguf, tiny_cache):
+    client = await start_server(tiny_gguf, tiny_cache, caps=capabilities(configuration=False))
+    try:
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"superpie": {"drafts": 1, "speculative": False}}))
+        result = await _settle(client, lambda r: r["server"]["settings"]["drafts"] == 1)
+        assert result["server"]["settings"]["speculative"] is False
+    finally:
+        await stop_server(client)
+
+
+async def _settle(client: LanguageClient, ready, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = await stats(client)
+        if ready(result):
+            return result
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"settings never applied: {result['server']['settings']}")
+
+
+# -- a model that does not load ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+async def test_a_model_that_does_not_load_is_reported_and_the_server_keeps_serving(tiny_gguf, tiny_cache,
+                                                                                  tmp_path, kind):
+    bad = tmp_path / "model.gguf"
+    if kind == "corrupt":
+        bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    client = await start_server(tiny_gguf, tiny_cache, model=str(bad), wait=False)
+    try:
+        assert await wait_for_model(client) == "failed"
+        errors = [m.message for m in client.messages if m.type == types.MessageType.Error]
+        assert errors and "cannot load the model" in errors[0]
+        doc = Doc(client, "file:///nomodel.py", FUNCTION)
+        assert await doc.inline() == []
+        assert await doc.hover() is None
+        doc.edit(0, 0, "# still tracked\n")
+        assert (await stats(client, doc.uri))["document"]["version"] == 2
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"superpie": {"model": str(tiny_gguf)}}))
+        assert await _settle(client, lambda r: r["server"]["model_state"] == "ready")
+        await doc.assert_in_sync()  # the documents were re-opened into the new model's caches
+        assert isinstance(await doc.inline(), list)
+    finally:
+        await stop_server(client)
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+
+async def test_serve_writes_the_log_file(tiny_gguf, tiny_cache, tmp_path):
+    log_file = tmp_path / "superpie.log"
+    client = await start_server(tiny_gguf, tiny_cache, args=("--log-file", str(log_file)))
+    await stop_server(client)
+    text = log_file.read_text()
+    assert "ready in" in text and "superpie" in text
+
+
+async def test_serve_over_tcp(tiny_gguf, tiny_cache):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        *SERVER, "--cache-dir", str(tiny_cache), "serve", "--model", str(tiny_gguf), "--no-persist",
+        "--tcp", f"127.0.0.1:{port}", stderr=asyncio.subprocess.DEVNULL)
+    client = make_test_lsp_client()
+    try:
+        for _ in range(200):
+            try:
+                await client.start_tcp("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        result = await client.initialize_session(types.InitializeParams(capabilities=capabilities()))
+        assert result.capabilities.inline_completion_provider is not None
+        assert await wait_for_model(client) == "ready"
+        await client.shutdown_session()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await client.stop()
+
+
+# -- the real model ------------------------------------------------------------------------------------------------
+
+@pytest.mark.real_model
+async def test_real_model_completes_through_the_server(tiny_gguf):
+    from inference.fetch import cache_root
+    from inference.model_store import prepare_model
+
+    await asyncio.to_thread(prepare_model, cache=cache_root(), progress=False)  # fetch and convert once, here
+    client = await start_server(tiny_gguf, cache_root(), model="qwen2.5-coder-0.5b")
+    try:
+        doc = Doc(client, "file:///average.py", FUNCTION)
+        items = await doc.inline()
+        assert items and ("total" in items[0] or "len" in items[0])
+    finally:
+        await stop_server(client)

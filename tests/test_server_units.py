@@ -1,0 +1,275 @@
+"""The language server's pieces without a client: positions, settings, suggestion shapes, the model worker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lsprotocol import types
+
+from lsp_server.completer import Suggestion
+from lsp_server.options import ServerOptions, parse_options, to_wire
+from lsp_server.positions import (
+    UTF8,
+    UTF16,
+    PositionError,
+    choose_encoding,
+    offset_at,
+    position_at,
+    range_to_edit,
+    units,
+)
+from lsp_server.suggestions import ShownSuggestions, completion_items, hover_markdown, inline_items
+from lsp_server.worker import SKIPPED, ModelWorker
+
+PIECES = ["a", "b", " ", "é", "中", "文", "😀", "𝔘", "\n", "\r\n", "\r", "\t"]
+texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+
+
+def _reference_position(text: str, offset: int, encoding: str) -> types.Position:
+    """Split on the LSP line breaks and count code units with Python's codecs."""
+    before = text[:offset].replace("\r\n", "\n").replace("\r", "\n")
+    line = before.count("\n")
+    column = before[before.rfind("\n") + 1:]
+    width = len(column.encode("utf-16-le")) // 2 if encoding == UTF16 else len(column.encode("utf-8"))
+    return types.Position(line, width)
+
+
+def _boundaries(text: str) -> list[int]:
+    """Offsets a position can address: not between the two characters of a CRLF."""
+    return [i for i in range(len(text) + 1) if not (0 < i < len(text) and text[i - 1] == "\r" and text[i] == "\n")]
+
+
+# -- positions ---------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.data(), st.sampled_from([UTF16, UTF8]))
+def test_position_round_trip_matches_the_codecs(text, data, encoding):
+    offset = data.draw(st.sampled_from(_boundaries(text)))
+    position = position_at(text, offset, encoding)
+    assert position == _reference_position(text, offset, encoding)
+    assert offset_at(text, position, encoding) == offset
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts, st.data(), st.sampled_from([UTF16, UTF8]), st.text(alphabet="x😀\n中", max_size=4))
+def test_range_edit_in_code_units_applies_like_the_editor(text, data, encoding, new):
+    bounds = _boundaries(text)
+    a, b = sorted(data.draw(st.lists(st.sampled_from(bounds), min_size=2, max_size=2)))
+    rng = types.Range(position_at(text, a, encoding), position_at(text, b, encoding))
+    edit = range_to_edit(text, rng, new, encoding)
+    assert edit.apply(text) == text[:a] + new + text[b:]
+
+
+def test_emoji_counts_two_utf16_units_and_four_utf8_bytes():
+    text = "x😀y\n中z"
+    assert offset_at(text, types.Position(0, 3), UTF16) == 2  # after the emoji
+    assert offset_at(text, types.Position(0, 5), UTF8) == 2
+    assert offset_at(text, types.Position(1, 1), UTF16) == 5  # after 中
+    assert offset_at(text, types.Position(1, 3), UTF8) == 5
+    assert units("😀中", UTF16) == 3 and units("😀中", UTF8) == 7
+
+
+def test_column_inside_a_surrogate_pair_rounds_down_to_the_character():
+    assert offset_at("a😀b", types.Position(0, 2), UTF16) == 1
+
+
+def test_column_past_the_line_end_clamps_to_the_line_end():
+    assert offset_at("ab\r\ncd", types.Position(0, 99), UTF16) == 2
+
+
+def test_line_past_the_end_is_an_error_for_a_cursor():
+    with pytest.raises(PositionError):
+        offset_at("one\ntwo", types.Position(5, 0), UTF16)
+
+
+def test_range_ending_past_the_last_line_means_the_end_of_the_text():
+    rng = types.Range(types.Position(0, 0), types.Position(3, 0))
+    assert range_to_edit("one\ntwo", rng, "X", UTF16).apply("one\ntwo") == "X"
+
+
+def test_reversed_range_is_an_error():
+    rng = types.Range(types.Position(1, 0), types.Position(0, 1))
+    with pytest.raises(PositionError):
+        range_to_edit("one\ntwo", rng, "", UTF16)
+
+
+def test_lone_cr_is_a_line_break():
+    assert offset_at("a\rb", types.Position(1, 0), UTF16) == 2
+
+
+def test_utf8_is_chosen_only_when_offered():
+    assert choose_encoding(None) == UTF16
+    assert choose_encoding(["utf-16"]) == UTF16
+    assert choose_encoding(["utf-16", "utf-8"]) == UTF8
+    assert choose_encoding([types.PositionEncodingKind.Utf8]) == UTF8
+
+
+# -- settings ----------------------------------------------------------------------------------------------
+
+def test_settings_default_without_input():
+    assert parse_options(None) == (ServerOptions(), [])
+
+
+def test_settings_read_camel_case_inside_or_outside_a_section():
+    options, warnings = parse_options({"superpie": {"maxTokens": 12, "cacheMode": "full", "automaticDrafts": 2,
+                                                    "layout": "prefix"}})
+    assert (options.max_tokens, options.cache_mode, options.automatic_drafts, options.layout) == (12, "full", 2,
+                                                                                                  "prefix")
+    assert warnings == []
+    assert parse_options({"drafts": 5})[0].drafts == 5
+
+
+def test_unknown_and_invalid_settings_warn_and_keep_the_value_below():
+    base = ServerOptions(drafts=4)
+    options, warnings = parse_options({"drafts": 0, "scope": "paragraph", "speculative": 1, "colour": "red",
+                                       "maxTokens": True, "memoryBudgetMb": float("nan")}, base)
+    assert options == base
+    assert len(warnings) == 6
+    assert any("colour" in w for w in warnings) and any("using 4" in w for w in warnings)
+
+
+def test_settings_that_are_not_an_object_warn():
+    options, warnings = parse_options(["drafts", 3])
+    assert options == ServerOptions() and len(warnings) == 1
+
+
+def test_wire_names_round_trip():
+    options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug")
+    assert parse_options(to_wire(options)) == (options, [])
+
+
+# -- suggestions -------------------------------------------------------------------------------------------
+
+def test_typed_through_returns_the_rest_of_matching_suggestions():
+    shown = ShownSuggestions("x = \nend", 4, (Suggestion("foo(1)", -0.1), Suggestion("bar", -0.5)), 3)
+    rest = shown.continue_at("x = fo\nend", 6)
+    assert rest == [Suggestion("o(1)", -0.1)]
+
+
+def test_typed_through_misses_after_any_other_change():
+    shown = ShownSuggestions("x = \nend", 4, (Suggestion("foo", -0.1),), 3)
+    assert shown.continue_at("x = f\nEnd", 5) is None  # suffix changed
+    assert shown.continue_at("y = f\nend", 5) is None  # prefix changed
+    assert shown.continue_at("x = \nend", 3) is None  # cursor moved back
+
+
+def test_inline_item_range_covers_the_replaced_suffix_in_utf16_units():
+    text = "f(😀)\n"
+    items = inline_items(text, 2, [Suggestion("x, y)", -0.2, replace_suffix=2)], UTF16)
+    assert items[0].range == types.Range(types.Position(0, 2), types.Position(0, 5))
+    assert inline_items(text, 2, [Suggestion("x", -0.2)], UTF16)[0].range is None
+
+
+def test_inline_items_extend_the_selected_completion_or_are_dropped():
+    text = "obj.ap\n"
+    selected = types.SelectedCompletionInfo(types.Range(types.Position(0, 4), types.Position(0, 6)), "append")
+    items = inline_items(text, 6, [Suggestion("pend(x)", -0.1), Suggestion("ply()", -0.2)], UTF16, selected, 4)
+    assert [i.insert_text for i in items] == ["append(x)"]
+    assert items[0].range == selected.range
+
+
+def test_completion_items_insert_at_the_cursor_best_first():
+    items = completion_items("total = su", 10, [Suggestion("m(values)", -0.1), Suggestion("per()", -0.9)],
+                             UTF16, "python")
+    assert [i.sort_text for i in items] == ["00", "01"]
+    assert items[0].text_edit.new_text == "m(values)"
+    assert items[0].text_edit.range == types.Range(types.Position(0, 10), types.Position(0, 10))
+    assert items[0].filter_text.startswith("su")
+
+
+def test_hover_markdown_lists_drafts_with_scores():
+    md = hover_markdown([Suggestion("a ``` b", -0.25), Suggestion("c", -1.5)], "python")
+    assert "2 drafts" in md and "-0.25" in md and "-1.50" in md
+    assert "````python\na ``` b\n````" in md  # the fence outgrows the text's own backticks
+
+
+# -- the model worker --------------------------------------------------------------------------------------
+
+def test_worker_runs_jobs_in_submission_order():
+    worker = ModelWorker()
+    seen: list[int] = []
+    futures = [worker.submit(lambda i=i: seen.append(i)) for i in range(50)]
+    for f in futures:
+        f.result(timeout=5)
+    worker.stop()
+    assert seen == list(range(50))
+
+
+def test_cancelled_queued_job_is_skipped_and_running_job_sees_its_event():
+    worker = ModelWorker()
+    started = threading.Event()
+    cancel_running, cancel_queued = threading.Event(), threading.Event()
+
+    def long_job() -> int:
+        started.set()
+        steps = 0
+        while not cancel_running.is_set() and steps < 500:
+            time.sleep(0.01)
+            steps += 1
+        return steps
+
+    running = worker.submit(long_job, uri="u", kind="complete", cancel=cancel_running)
+    queued = worker.submit(lambda: "ran", uri="u", kind="complete", cancel=cancel_queued)
+    assert started.wait(5)
+    assert worker.cancel("u", ("complete",)) == 2
+    assert running.result(timeout=5) < 500
+    assert queued.result(timeout=5) is SKIPPED
+    worker.stop()
+
+
+def _wait_until(condition, timeout: float = 5) -> None:
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.005)
+
+
+def test_idle_steps_run_only_while_nothing_is_queued():
+    calls: list[str] = []
+    remaining = [5]
+
+    def idle() -> bool:
+        calls.append("idle")
+        remaining[0] -= 1
+        return remaining[0] > 0
+
+    worker = ModelWorker(idle)
+    _wait_until(lambda: remaining[0] <= 0)
+    time.sleep(0.1)
+    assert calls.count("idle") == 5  # stopped once the step said nothing remains
+    worker.submit(lambda: calls.append("job")).result(timeout=5)
+    _wait_until(lambda: calls.count("idle") == 6)
+    time.sleep(0.1)
+    assert calls[5] == "job" and calls.count("idle") == 6  # a job wakes the idle work once more, once
+    worker.stop()
+
+
+def test_a_failing_job_fails_its_future_not_the_worker():
+    worker = ModelWorker()
+    bad = worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bad.result(timeout=5)
+    assert worker.submit(lambda: 7).result(timeout=5) == 7
+    worker.stop()
+
+
+# -- the command line --------------------------------------------------------------------------------------
+
+def test_serve_parses_tcp_and_log_options(tmp_path):
+    from lsp_server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--tcp", "127.0.0.1:2087", "--log-file", str(tmp_path / "l"),
+                                      "--log-level", "debug"])
+    assert args.tcp == ("127.0.0.1", 2087) and args.log_level == "debug" and args.command == "serve"
+
+
+@pytest.mark.parametrize("value", ["2087", "host:", ":80", "host:99999", "host:x"])
+def test_serve_rejects_a_bad_tcp_address(value):
+    from lsp_server.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--tcp", value])
+    assert exit_.value.code == 2
