@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,16 +38,17 @@ from kv_cache.rotation import rerotate_keys
 from kv_cache.splice import TokenizedText, TokenSplice, apply_edits
 from kv_cache.store import BufferStore
 
-ENCODE_CHUNK = 64  # tokens per idle step: a request waits for at most one chunk (~0.5 s on 2 cores)
+HISTORY_TOKENS = 16  # document tokens before the cursor that n-gram contexts may need
+ENCODE_CHUNK = 32  # tokens per idle step: a request waits for at most one chunk (~0.3 s on 2 cores)
 
 
 @dataclass(frozen=True)
 class WindowBudget:
     """How many tokens of context the rows keep around the cursor."""
 
-    prefix: int = 1536  # tokens before the cursor
+    prefix: int = 2048  # tokens before the cursor
     suffix: int = 256  # tokens after it that the prompt borrows
-    slack: int = 256  # the window moves in steps this big, so typing does not shift it every token
+    slack: int = 512  # the window moves in steps this big, so typing does not shift it every token
 
 
 @dataclass
@@ -63,6 +64,7 @@ class CursorContext:
     prefix_rows: int  # rows[:prefix_rows] are the prompt's prefix (marker included), the rest its suffix
     reused: int  # rows taken from the cache
     encoded: int  # tokens run through the model to build the context (tail excluded)
+    history: list[int] = field(default_factory=list)  # the last document tokens before the healed ones
 
 
 class DocumentCache:
@@ -81,6 +83,7 @@ class DocumentCache:
         self.lo = self.hi = 0  # document tokens [lo, hi) have rows (once encoded up to hi)
         self.target_hi = 0  # where the window should end; rows [hi, target_hi) are still to be encoded
         self._rows_lost = False
+        self.version = 0  # counts edits, for caches derived from the text
         self.focus(0)
 
     # -- state -------------------------------------------------------------------------------------------
@@ -117,6 +120,7 @@ class DocumentCache:
         rows = self.cache()
         n_before = len(self.doc.ids)
         splices = apply_edits(self.doc, edits, self.tokenizer)
+        self.version += 1
         stats = []
         for splice in splices:
             stats.extend(self._splice_rows(rows, splice, n_before))
@@ -252,12 +256,13 @@ class DocumentCache:
         rows = self.ensure_rows()
         prefix_rows = self._row(max(whole, self.lo))
         prefix, suffix = text[:offset], text[offset:]
+        history = self.doc.ids[max(0, whole - HISTORY_TOKENS):whole]
         if not self.fim or not with_suffix:
             if not prefix_rows:
-                return CursorContext(KVRows(*rows.past(0)), [], 0, healed, prefix, suffix, 0, 0, 0)
+                return CursorContext(KVRows(*rows.past(0)), [], 0, healed, prefix, suffix, 0, 0, 0, history)
             last = prefix_rows - 1
             return CursorContext(KVRows(*rows.past(last)), [int(rows.ids[last])], int(rows.positions[last]), healed,
-                                 prefix, suffix, last, last, 0)
+                                 prefix, suffix, last, last, 0, history)
         past = KVRows(*rows.past(prefix_rows))
         position = int(rows.positions[prefix_rows - 1]) + 1 if prefix_rows else 0
 
@@ -276,4 +281,4 @@ class DocumentCache:
             past.append(keys, values)
             position += last - first
         return CursorContext(past, [self.fim[2]], position, healed, prefix, suffix, prefix_rows,
-                             prefix_rows + last - first, len(head))
+                             prefix_rows + last - first, len(head), history)

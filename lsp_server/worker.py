@@ -21,6 +21,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SKIPPED = object()  # the result of a job cancelled before it started
+IDLE_DELAY_S = 0.4  # idle work starts this long after the last job, so a burst of keystrokes never waits for it
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ModelWorker:
         self._running: Job | None = None
         self._stopping = False
         self._idle_work = True  # whether the last idle step said more remains
+        self.idle_delay = IDLE_DELAY_S
+        self._last_job = 0.0  # time.monotonic() when the last job finished
         self.idle_seconds = 0.0  # time spent in idle steps (statistics)
         self.jobs_done = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -113,8 +116,14 @@ class ModelWorker:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._queue and not self._stopping and not (self._idle_work and self._idle_step):
-                    self._wake.wait()
+                while not self._queue and not self._stopping:
+                    if not (self._idle_work and self._idle_step):
+                        self._wake.wait()
+                        continue
+                    wait = self._last_job + self.idle_delay - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._wake.wait(wait)
                 if self._stopping:
                     return
                 job = self._queue.popleft() if self._queue else None
@@ -128,6 +137,7 @@ class ModelWorker:
                 with self._wake:
                     self._running = None
                     self._idle_work = True  # any job may leave cache work behind
+                    self._last_job = time.monotonic()
 
     def _run(self, job: Job) -> None:
         if not job.future.set_running_or_notify_cancel():
