@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from inference.generate import SINGLE_LINE, Draft, GenerationResult, KVRows, StopRule, prefill
+from inference.generate import SINGLE_LINE, Draft, GenerationResult, KVRows, StopRule, completion_text, prefill
 from inference.healing import TokenHealer
 from inference.ngram import NgramModel
 from inference.prompt import Prompt
@@ -71,7 +71,7 @@ class _Drafts:
         self.finished: list[_Beam] = []
 
     def text(self, beam: _Beam) -> str:
-        return beam.text[len(self.healed):].decode("utf-8", "replace")
+        return completion_text(beam.text[len(self.healed):])
 
     def is_complete(self, beam: _Beam) -> bool:
         return self.stop is not None and not beam.pending and self.stop.cut(self.text(beam)) is not None

@@ -1,0 +1,274 @@
+"""Speculative decoding: token-identical to greedy, tree verification bit-identical to sequential steps."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.drafting import Recycler, lookup_continuations, top_tokens
+from inference.generate import SINGLE_LINE, KVRows, greedy_complete, prefill
+from inference.healing import TokenHealer
+from inference.prompt import Prompt, fim_prompt
+from inference.runtime import NEG_INF
+from inference.speculative import DraftTree, softmax_lanes, speculative_complete, verify_tree
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _snippets(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(prefix, suffix) pairs cut from real stdlib files at random points (mid-line and at line starts)."""
+    rng = np.random.default_rng(seed)
+    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in ("argparse.py", "csv.py", "pprint.py",
+                                                                      "calendar.py", "shlex.py")]
+    out = []
+    for i in range(count):
+        text = texts[i % len(texts)]
+        cut = int(rng.integers(200, len(text) - 200))
+        if i % 2:
+            cut = text.rfind("\n", 0, cut) + 1  # a line start, as after pressing Enter
+        start = max(0, cut - int(rng.integers(20, 400)))
+        out.append((text[start:cut], text[cut:cut + int(rng.integers(0, 200))]))
+    return out
+
+
+def _sequential(decoder, rows: KVRows, tokens: list[int], position: int) -> tuple[np.ndarray, KVRows]:
+    """Logits [n, vocab] and rows after feeding `tokens` one forward each."""
+    rows = KVRows(list(rows.keys), list(rows.values))
+    logits = []
+    for i, token in enumerate(tokens):
+        out = decoder.forward(np.array([token]), np.array([position + i]), rows.keys, rows.values)
+        rows.append(out.keys, out.values)
+        logits.append(out.logits[-1])
+    return np.array(logits), rows
+
+
+def _random_tree(rng: np.random.Generator, lanes: int, vocab: int, size: int) -> DraftTree:
+    tree = DraftTree.rooted_at(int(rng.integers(vocab)), lanes)
+    while len(tree) < size:
+        tree.add(int(rng.integers(len(tree))), int(rng.integers(vocab)))
+    return tree
+
+
+def _path(tree: DraftTree, node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = tree.parents[node]
+    return path[::-1]
+
+
+# -- the draft tree ------------------------------------------------------------------------------------------
+
+
+def test_tree_mask_lets_each_node_see_the_past_its_ancestors_and_itself():
+    tree = DraftTree.rooted_at(10, lanes=8)
+    a = tree.add(0, 11)
+    b = tree.add(0, 12)  # sibling of a: same depth, so the next slot with slot = 1 (mod 8)
+    a2 = tree.add(a, 13)
+    b2 = tree.add(b, 14)
+    assert tree.slots == [0, 1, 9, 2, 10] and tree.width == 11
+    ids, positions, bias = tree.feed(past=5, position=100)
+    assert bias.shape == (11, 5 + 11) and ids.shape == positions.shape == (11,)
+    visible = bias == 0.0
+    for node, ancestors in {0: [0], a: [0, a], b: [0, b], a2: [0, a, a2], b2: [0, b, b2]}.items():
+        slot = tree.slots[node]
+        assert visible[slot, :5].all()  # the whole past
+        assert set(np.flatnonzero(visible[slot, 5:])) == {tree.slots[n] for n in ancestors}
+        assert ids[slot] == tree.tokens[node] and positions[slot] == 100 + tree.depths[node]
+    for pad in set(range(11)) - set(tree.slots):  # padding sees only itself and is seen by no node
+        assert np.flatnonzero(visible[pad]).tolist() == [5 + pad]
+        assert not visible[tree.slots, 5 + pad].any()
+    assert (bias[~visible] == NEG_INF).all()
+
+
+def test_tree_slots_keep_depth_modulo_lanes_and_follow_parents():
+    rng = np.random.default_rng(0)
+    for lanes in (1, 4, 8, 16):
+        tree = _random_tree(rng, lanes, 100, 20)
+        assert len(set(tree.slots)) == len(tree)
+        for node in range(1, len(tree)):
+            assert tree.slots[node] % lanes == tree.depths[node] % lanes
+            assert tree.slots[node] > tree.slots[tree.parents[node]]
+
+
+def test_equal_guesses_share_one_node():
+    tree = DraftTree.rooted_at(1, lanes=8)
+    assert tree.add(0, 5) == tree.add(0, 5) and len(tree) == 2
+
+
+def test_softmax_lanes_is_a_simd_width():
+    assert softmax_lanes() in (8, 16)
+
+
+@pytest.mark.parametrize("quantization", ["q8", "fp32"])
+def test_tree_forward_is_bit_identical_to_sequential_steps(quantization, tiny_gguf, tiny_cache):
+    """The premise of losslessness: every node's logits and K/V equal feeding its path one token at a time."""
+    from inference.model_store import load_model
+
+    model = load_model(str(tiny_gguf), quantization, cache=tiny_cache, progress=False)
+    decoder, vocab = model.decoder, model.config.vocab_size
+    rng = np.random.default_rng(1)
+    for past in (3, 37, 530):  # 530: the attention's value matmul runs over more than one 512-row block
+        rows, _ = prefill(decoder, [int(t) for t in rng.integers(0, vocab, past)])
+        tree = _random_tree(rng, softmax_lanes(), vocab, int(rng.integers(6, 14)))
+        logits, keys, values = verify_tree(decoder, tree, rows, past)
+        for node in range(len(tree)):
+            path = _path(tree, node)
+            expected, seq_rows = _sequential(decoder, rows, [tree.tokens[n] for n in path], past)
+            assert np.array_equal(logits[node], expected[-1])
+            slots = [tree.slots[n] for n in path]
+            for got, want in zip(keys + values, seq_rows.keys + seq_rows.values):
+                assert np.array_equal(got[:, slots], want[:, past:])
+
+
+# -- drafting ------------------------------------------------------------------------------------------------
+
+
+def test_prompt_lookup_prefers_the_longest_then_the_most_recent_match():
+    context = np.array([1, 2, 3, 7, 8, 5, 3, 9, 9, 1, 2, 3, 6, 6, 2, 3])  # ends with [2, 3]
+    found = lookup_continuations(context, [], length=2, count=3)
+    # [2, 3] occurs at 10 (-> 6, 6) and 1 (-> 7, 8); the longest suffix with a match is [2, 3]
+    assert [(c.tokens, c.matched) for c in found[:2]] == [([6, 6], 2), ([7, 8], 2)]
+    assert found[2].matched == 1 and found[2].tokens[0] not in (6, 7)  # then [3] alone, a new first token
+
+
+def test_prompt_lookup_searches_other_buffers():
+    found = lookup_continuations(np.array([4, 5, 6]), [np.array([9, 5, 6, 42, 43])], length=3, count=1)
+    assert found[0].tokens == [42, 43] and found[0].matched == 2
+
+
+def test_top_tokens_orders_the_largest_logits_first():
+    logits = np.random.default_rng(0).standard_normal((3, 5000)).astype(np.float32) * 4
+    expected = np.argsort(-logits, axis=1, kind="stable")[:, :8]
+    assert np.array_equal(top_tokens(logits, 8), expected)
+
+
+def test_recycler_records_each_tokens_top_successors():
+    recycler = Recycler(vocab_size=10, top_k=2)
+    logits = np.zeros((2, 10), np.float32)
+    logits[0, [4, 7]] = [2.0, 3.0]
+    logits[1, [1, 2]] = [5.0, 1.0]
+    recycler.update(np.array([3, 8]), logits)
+    assert recycler.successors[3].tolist() == [7, 4] and recycler.successors[8].tolist() == [1, 2]
+    assert (recycler.successors[0] == -1).all()  # never seen: no guess
+
+
+def test_recycler_survives_a_restart(tmp_path):
+    recycler = Recycler(vocab_size=151_936)
+    assert recycler.successors.nbytes <= 5 * 2**20  # [vocab, 8] int32: a few MB for Qwen's vocabulary
+    recycler.successors[123] = np.arange(8)
+    recycler.save(tmp_path / "recycler.npy")
+    loaded = Recycler.load(tmp_path / "recycler.npy", vocab_size=151_936)
+    assert np.array_equal(loaded.successors, recycler.successors)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Recycler.load(tmp_path / "recycler.npy", vocab_size=512)
+
+
+# -- speculative decoding equals greedy ----------------------------------------------------------------------
+
+
+def _assert_same(spec, greedy) -> None:
+    assert spec.drafts[0].token_ids == greedy.drafts[0].token_ids
+    assert spec.drafts[0].text == greedy.drafts[0].text
+    assert spec.drafts[0].logprob == greedy.drafts[0].logprob  # bit-identical logits, not just argmax
+
+
+def test_speculative_output_equals_greedy_on_200_real_prompts(tiny_model):
+    """Healed and unhealed FIM prompts from real files, single-line and unbounded stopping, with and without
+    a cache to continue, drafts from the prompt, other buffers and a recycler shared across prompts."""
+    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
+    healer = TokenHealer(tok.token_bytes(), tok.specials.stop)
+    recycler = Recycler(tiny_model.config.vocab_size)
+    snippets = _snippets(200)
+    accepted = healed = 0
+    for i, (prefix, suffix) in enumerate(snippets):
+        prompt = fim_prompt(tok, prefix, suffix, heal=i % 3 != 0)
+        healed += bool(prompt.healed)
+        stop = SINGLE_LINE if i % 2 else None
+        rows = position = None
+        if i % 4 == 1:  # continue a cache of the prompt's head, with a gap in positions
+            head = len(prompt.ids) // 2
+            rows, _ = prefill(decoder, prompt.ids[:head])
+            position = head + 7
+            prompt = Prompt(prompt.ids[head:], prompt.healed)
+        kwargs = dict(max_tokens=int(12 + i % 13), stop=stop, healer=healer, rows=rows, position=position)
+        greedy = greedy_complete(decoder, tok, prompt, **kwargs)
+        # drafts: other buffers (sometimes holding the answer itself, so long paths get accepted)
+        corpus = [tok.encode(snippets[(i + 1) % len(snippets)][0])]
+        if i % 5 == 2:
+            corpus.append([*prompt.ids[-3:], *greedy.drafts[0].token_ids])
+        spec = speculative_complete(decoder, tok, prompt, **kwargs, lookup_corpus=corpus, recycler=recycler,
+                                    tree_nodes=(2, 4, 8, 12, 16)[i % 5], token_cost=(0.0, 0.28)[i % 2])
+        _assert_same(spec, greedy)
+        accepted += spec.timings["accepted_drafts"]
+    assert healed > 100
+    assert accepted > 400  # drafts were really taken, not all rejected
+
+
+def test_continuing_a_cache_leaves_the_callers_rows_unchanged(tiny_model):
+    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
+    ids = tok.encode((STDLIB / "csv.py").read_text()[:1500])
+    rows, _ = prefill(decoder, ids[:-5])
+    before = [k.copy() for k in rows.keys]
+    prompt = Prompt(ids[-5:], b"")
+    result = speculative_complete(decoder, tok, prompt, max_tokens=30, stop=None, rows=rows, lookup_corpus=[ids])
+    assert rows.length == len(ids) - 5 and all(np.array_equal(a, b) for a, b in zip(rows.keys, before))
+    _assert_same(result, greedy_complete(decoder, tok, prompt, max_tokens=30, stop=None, rows=rows))
+
+
+def test_a_correct_draft_needs_few_forwards_when_verifying_is_cheap(tiny_model):
+    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
+    prompt = fim_prompt(tok, (STDLIB / "pprint.py").read_text()[:800], "", heal=False)
+    greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
+    answer = greedy.drafts[0].token_ids
+    corpus = [[*prompt.ids[-4:], *answer]]
+    free = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=0.0,
+                                lookup_corpus=corpus)
+    _assert_same(free, greedy)
+    assert len(answer) == 40 and free.timings["tree_steps"] <= 40 / 6
+    # when each verified token costs as much as a step, drafting stops paying: one token per forward
+    costly = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=1.0,
+                                  lookup_corpus=corpus)
+    _assert_same(costly, greedy)
+    assert costly.timings["tree_tokens"] == costly.timings["tree_steps"] == 39
+
+
+def test_cancellation_returns_the_output_so_far(tiny_model):
+    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
+    prompt = fim_prompt(tok, (STDLIB / "calendar.py").read_text()[:1200], "")
+    greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
+    calls = 0
+
+    def cancelled() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    spec = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=cancelled)
+    ids = spec.drafts[0].token_ids
+    assert len(greedy.drafts[0].token_ids) == 40
+    assert spec.timings["cancelled"] == 1.0 and calls == 4
+    assert 0 < len(ids) < len(greedy.drafts[0].token_ids) and greedy.drafts[0].token_ids[:len(ids)] == ids
+    not_cancelled = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=lambda: False)
+    assert not_cancelled.timings["cancelled"] == 0.0
+    _assert_same(not_cancelled, greedy)
+
+
+@pytest.mark.real_model
+def test_real_model_speculative_output_equals_greedy(real_model):
+    """Qwen2.5-Coder q8 (int8 activations): lane-aligned tree verification is still exactly greedy."""
+    decoder, tok = real_model.decoder, real_model.tokenizer
+    accepted = 0
+    for name, cut in (("textwrap.py", 3000), ("bisect.py", 1500), ("heapq.py", 4000)):
+        text = (STDLIB / name).read_text()
+        cut = text.rfind("\n", 0, cut) + 1
+        prompt = fim_prompt(tok, text[:cut], "")
+        greedy = greedy_complete(decoder, tok, prompt, max_tokens=24, stop=None)
+        spec = speculative_complete(decoder, tok, prompt, max_tokens=24, stop=None, tree_nodes=12,
+                                    lookup_corpus=[tok.encode(text[:cut])])
+        _assert_same(spec, greedy)
+        accepted += spec.timings["accepted_drafts"]
+    assert accepted > 0
