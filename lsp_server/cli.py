@@ -83,6 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_pie_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit, json_out=args.json_out,
                       cache=args.cache_dir)
         return 0
+    if args.suite == "lsp":
+        from bench.lsp import run_lsp_bench
+
+        run_lsp_bench(args.model, json_out=args.json_out, cache=args.cache_dir,
+                      files=args.limit or (1 if args.quick else 2), repeats=1 if args.quick else 2)
+        return 0
     from bench.engine import run_engine_bench
 
     run_engine_bench(args.model, json_out=args.json_out, cache=args.cache_dir, quick=args.quick)
@@ -138,14 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("suite", choices=["engine", "pie", "fim"])
+    bench.add_argument("suite", choices=["engine", "pie", "fim", "lsp"])
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
-    bench.add_argument("--quick", action="store_true", help="engine: fewer repetitions and sizes (smoke test)")
+    bench.add_argument("--quick", action="store_true",
+                       help="engine: fewer repetitions and sizes (smoke test); lsp: 1 file, 1 keystroke per case")
     bench.add_argument("--data", type=Path, default=None,
                        help="pie, fim: edits file, JSON lines (default: the dev set)")
     bench.add_argument("--limit", type=int, default=None,
-                       help="pie, fim: only the first N records (fim: 20 by default)")
+                       help="pie, fim: only the first N records (fim: 20 by default); lsp: N files (2)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -5,6 +5,7 @@ Not thread-safe: the server calls it from one model-worker thread only.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import deque
@@ -13,18 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference.generate import greedy_complete
+from inference.drafting import Recycler
+from inference.generate import GenerationResult, greedy_complete
 from inference.healing import TokenHealer
 from inference.model_store import LoadedModel
+from inference.ngram import NgramModel
 from inference.prompt import Prompt
+from inference.speculative import speculative_complete
+from inference.superposed import batched_complete, superposed_complete
 from inference.syntax import SyntaxStop, finish
 from kv_cache.buffer_cache import SPLICE_MODES
-from kv_cache.document import DocumentCache
+from kv_cache.document import CursorContext, DocumentCache
 from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
 
+log = logging.getLogger(__name__)
+
 REFRESH_POLICIES = ("off", "idle", "threshold")
 LAYOUTS = ("auto", "fim", "prefix")
+DRAFT_METHODS = ("superposed", "batched")
+LOOKUP_BUFFERS = 4  # other open documents that speculative decoding may copy drafts from
 SCOPES = ("auto", "single", "multi")
 
 
@@ -82,7 +91,15 @@ class Completer:
         special = model.tokenizer.specials.stop
         self.healer = TokenHealer(model.tokenizer.token_bytes(), special)
         self._latencies: deque[float] = deque(maxlen=512)
+        self._recent: deque[dict[str, float]] = deque(maxlen=64)  # per-call timings, for bench/lsp.py
+        self._calls = 0
+        self._edits_s = 0.0  # time applying edits since the last completion
         self._reused = self._encoded = 0
+        self.draft_method = "superposed"  # or "batched" (beam search): bench/decode.py compares them
+        self.persist_dir = persist_dir
+        self.recycler = self._load_recycler()
+        self.ngram: NgramModel | None = None  # built in an idle step (a minute, once per tokenizer)
+        self._ngram_versions: dict[str, int] = {}
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -96,11 +113,18 @@ class Completer:
 
     def change(self, uri: str, edits: Sequence[TextEdit]) -> None:
         """Apply edits in order (LSP semantics). A bad range raises ValueError and changes nothing."""
-        self._doc(uri).apply(edits)
+        t0 = time.perf_counter()
+        try:
+            self._doc(uri).apply(edits)
+        finally:
+            self._edits_s += time.perf_counter() - t0
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is not None:
             self.store.close(uri)
+            self.save_state()
+        if self.ngram is not None and self._ngram_versions.pop(uri, None) is not None:
+            self.ngram.remove_document(uri)
         self.languages.pop(uri, None)
 
     def text(self, uri: str) -> str:
@@ -119,24 +143,57 @@ class Completer:
         """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
         doc = self._doc(uri)
         t0 = time.perf_counter()
+        edits_s, self._edits_s = self._edits_s, 0.0
         ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset))
         t1 = time.perf_counter()
         self._reused += ctx.reused
         self._encoded += ctx.encoded
         if not ctx.tail or cancelled():
-            return CompletionOutcome([], {"context_s": t1 - t0}, cancelled())
+            return self._outcome([], {"edits_s": edits_s, "context_s": t1 - t0}, cancelled())
         language = self.languages[uri]
         stop = SyntaxStop(ctx.prefix, ctx.suffix, None if options.scope == "auto" else options.scope, language)
-        result = greedy_complete(self.model.decoder, self.model.tokenizer, Prompt(ctx.tail, ctx.healed),
-                                 max_tokens=options.max_tokens, stop=stop, healer=self.healer, rows=ctx.rows,
-                                 position=ctx.position, cancelled=cancelled)
+        result = self._decode(uri, ctx, options, stop, cancelled)
         stopped = bool(result.timings.get("cancelled"))
         total = time.perf_counter() - t0
         if not stopped:
             self._latencies.append(total)
         texts = [(finish(d.text, ctx.prefix, ctx.suffix, language), d.score) for d in result.drafts]
         suggestions = [Suggestion(text, score) for text, score in texts if text.strip()]
-        timings = {"context_s": t1 - t0, **result.timings, "total_s": total}
+        timings = {"edits_s": edits_s, "context_s": t1 - t0, **result.timings, "total_s": total}
+        return self._outcome(suggestions, timings, stopped)
+
+    def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions, stop: SyntaxStop,
+                cancelled: Callable[[], bool]) -> GenerationResult:
+        """One draft (speculative or greedy: the same tokens) or k drafts (batched or superposed)."""
+        model, prompt = self.model, Prompt(ctx.tail, ctx.healed)
+        common = {"max_tokens": options.max_tokens, "stop": stop, "healer": self.healer, "rows": ctx.rows,
+                  "position": ctx.position, "cancelled": cancelled}
+        if options.drafts > 1 and self.draft_method == "superposed":
+            return superposed_complete(model.decoder, model.tokenizer, prompt, k=options.drafts,
+                                       ngram=self._ngram_with(uri), history=ctx.history, **common)
+        if options.drafts > 1:
+            return batched_complete(model.decoder, model.tokenizer, prompt, k=options.drafts, **common)
+        if options.speculative:
+            corpus = [self.docs[uri].ids, *(self.docs[u].ids for u in self.store.lru_order()[-LOOKUP_BUFFERS:]
+                                            if u != uri and u in self.docs)]
+            return speculative_complete(model.decoder, model.tokenizer, prompt, lookup_corpus=corpus,
+                                        recycler=self.recycler, **common)
+        return greedy_complete(model.decoder, model.tokenizer, prompt, **common)
+
+    def _ngram_with(self, uri: str) -> NgramModel | None:
+        """The n-gram model with this document's current counts in its overlay (None until built)."""
+        if self.ngram is None:
+            return None
+        version = self.docs[uri].version
+        if self._ngram_versions.get(uri) != version:
+            self.ngram.add_document(uri, self.docs[uri].ids)
+            self._ngram_versions[uri] = version
+        return self.ngram
+
+    def _outcome(self, suggestions: list[Suggestion], timings: dict[str, float], stopped: bool) -> CompletionOutcome:
+        """The outcome, its timings kept for `stats` (numbered, so a client can match them to its requests)."""
+        self._calls += 1
+        self._recent.append({"call": self._calls, **{k: round(v, 6) for k, v in timings.items()}})
         return CompletionOutcome(suggestions, timings, stopped)
 
     # -- idle work ---------------------------------------------------------------------------------------
@@ -152,7 +209,36 @@ class Completer:
                 return True
             if self._wants_refresh(doc) and doc.refresh_step():
                 return True
+        if self.draft_method == "superposed" and self.ngram is None:
+            self._build_ngram()
+            return True
         return False
+
+    def _build_ngram(self) -> None:
+        cache = self.persist_dir.parent if self.persist_dir is not None else None
+        self.ngram = NgramModel.for_tokenizer(self.model.tokenizer, cache)
+
+    # -- state kept across restarts ------------------------------------------------------------------------
+
+    def _recycler_path(self) -> Path | None:
+        return self.persist_dir / f"recycler-{self.model.model_dir.name}.npy" if self.persist_dir else None
+
+    def _load_recycler(self) -> Recycler:
+        vocab = self.model.config.vocab_size
+        path = self._recycler_path()
+        if path is not None and path.exists():
+            try:
+                return Recycler.load(path, vocab)
+            except (OSError, ValueError) as err:
+                log.warning("ignoring the token-recycling table %s: %s", path, err)
+        return Recycler(vocab)
+
+    def save_state(self) -> None:
+        """Keep the token-recycling table for the next start (the buffers persist on their own)."""
+        path = self._recycler_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.recycler.save(path)
 
     def _wants_refresh(self, doc: DocumentCache) -> bool:
         if self.refresh == "off":
@@ -201,4 +287,6 @@ class Completer:
             "latency_p90_ms": round(1000 * latencies[int(0.9 * (len(latencies) - 1))], 1) if latencies else None,
             "cache_mode": self.cache_mode,
             "refresh": self.refresh,
+            "calls": self._calls,
+            "recent_timings": list(self._recent),  # the last 64 calls of `complete`, oldest first
         }

@@ -26,7 +26,8 @@ def test_completion_at_end_of_document_equals_plain_greedy_fim(completer, tiny_m
     """Nothing after the cursor: the cached context is exact, so the draft is the plain pipeline's."""
     text = SOURCE + "def indent_all(lines):\n    "
     completer.open(URI, text)
-    outcome = completer.complete(URI, len(text), CompletionOptions(max_tokens=12, scope="multi", layout="fim"))
+    options = CompletionOptions(max_tokens=12, scope="multi", layout="fim", drafts=1)
+    outcome = completer.complete(URI, len(text), options)
     model = tiny_model_fp32
     draft = greedy_complete(model.decoder, model.tokenizer, fim_prompt(model.tokenizer, text, ""),
                             max_tokens=12, stop=SyntaxStop(text, "", "multi")).drafts[0]
@@ -123,3 +124,23 @@ def test_reopened_document_restores_its_rows_from_disk(tiny_model_fp32, tmp_path
     assert completer.stats()["restores"] == 1 and completer.stats()["cached_tokens"] > 500
     again = completer.complete(URI, 1500, CompletionOptions(max_tokens=4))
     assert [s.text for s in again.suggestions] == [s.text for s in first.suggestions]
+
+
+@pytest.mark.parametrize("method", ["batched", "superposed"])
+def test_several_drafts_are_distinct_and_ranked(completer, method):
+    completer.draft_method = method
+    completer.open(URI, SOURCE)
+    outcome = completer.complete(URI, 1500, CompletionOptions(max_tokens=6, drafts=3, scope="single"))
+    texts = [s.text for s in outcome.suggestions]
+    assert 1 <= len(texts) <= 3 and len(set(texts)) == len(texts)
+    assert all("\n" not in t.strip("\n") for t in texts)
+
+
+def test_token_recycling_table_survives_a_restart(tiny_model_fp32, tmp_path):
+    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    completer.open(URI, SOURCE)
+    completer.complete(URI, 1500, CompletionOptions(max_tokens=8, drafts=1, scope="multi"))
+    completer.close(URI)  # saves the table
+    assert (completer.recycler.successors >= 0).any()  # the decode taught it something
+    again = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    assert (again.recycler.successors == completer.recycler.successors).all()

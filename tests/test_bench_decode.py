@@ -1,0 +1,47 @@
+"""The decoding benchmark end to end on the tiny model, on the synthetic records of test_bench_pie."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.decode import brackets_balanced, run_decode_bench
+from tests.test_bench_pie import records
+
+KEYS = ("speedup_speculative", "identical_outputs", "superposed_time_ratio", "em_greedy", "em_draft1",
+        "em_best_of_k", "suffix_duplications", "n")
+
+
+def test_decode_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "edits.jsonl.gz"
+    with gzip.open(data, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records())
+    out = tmp_path / "decode.json"
+    run_decode_bench(str(tiny_gguf), data=data, json_out=out, cache=tiny_cache, k=3)
+
+    summary = json.loads(out.read_text())
+    for key in KEYS:
+        assert key in summary, key
+    assert summary["n"] == 5 and summary["n_records"] == 3
+    assert summary["identical_outputs"] == 1.0  # speculative decoding is lossless
+    assert summary["speedup_speculative"] > 0 and summary["superposed_time_ratio"] > 0
+    assert summary["em_best_of_k"] >= summary["em_draft1"]
+    for target in (t for r in summary["records"] for t in r["targets"]):
+        assert len(target["drafts"]["greedy"]) <= 1 and len(target["drafts"]["superposed"]) <= 3
+        assert all("\n" not in d for d in target["drafts"]["superposed"])
+    assert "| all | 5 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("line", "balanced"), [
+    ("x = f(a, [1, 2])", True),
+    ("x = f(a, [1, 2)", False),
+    ("print(')')", True),  # brackets inside strings do not count
+    ("y = (", False),
+    ("z = 1)  # (", False),
+])
+def test_brackets_balanced(line: str, balanced: bool) -> None:
+    assert brackets_balanced(line) is balanced
