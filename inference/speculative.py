@@ -14,6 +14,7 @@ and the output equals greedy_complete token for token.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import time
@@ -56,6 +57,7 @@ MIN_PATH_PROBABILITY = 0.05  # below this a node is not worth a slot, however ch
 VERIFY_TOKEN_COST = 0.28
 
 
+@functools.cache
 def softmax_lanes() -> int:
     """SIMD width of ONNX Runtime's softmax sum on this CPU: 8 floats with AVX2, 16 with AVX-512 (and 16,
     a multiple of every width, when unsure). See DraftTree for why it matters."""

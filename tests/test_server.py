@@ -7,6 +7,7 @@ server's conversion code), so a sync bug shows up as a digest mismatch in `super
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import sys
@@ -566,6 +567,12 @@ async def test_serve_writes_the_log_file(tiny_gguf, tiny_cache, tmp_path):
     assert "ready in" in text and "superpie" in text
 
 
+def _listening(port: int) -> bool:
+    """Whether a local TCP socket listens on `port`, read from /proc (connecting would use up the server)."""
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(int(row.split()[1].split(":")[1], 16) == port and row.split()[3] == "0A" for row in table)
+
+
 async def test_serve_over_tcp(tiny_gguf, tiny_cache):
     import socket
 
@@ -577,21 +584,21 @@ async def test_serve_over_tcp(tiny_gguf, tiny_cache):
         "--tcp", f"127.0.0.1:{port}", stderr=asyncio.subprocess.DEVNULL)
     client = make_test_lsp_client()
     try:
-        for _ in range(200):
-            try:
-                await client.start_tcp("127.0.0.1", port)
+        # pygls serves one TCP connection and then shuts down, so connect only once the port listens.
+        for _ in range(400):
+            if _listening(port):
                 break
-            except OSError:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+        await client.start_tcp("127.0.0.1", port)
         result = await client.initialize_session(types.InitializeParams(capabilities=capabilities()))
         assert result.capabilities.inline_completion_provider is not None
         assert await wait_for_model(client) == "ready"
-        await client.shutdown_session()
     finally:
         if process.returncode is None:
             process.kill()
         await process.wait()
-        await client.stop()
+        with contextlib.suppress(ConnectionError):  # the server is gone: its socket may reset
+            await client.stop()
 
 
 # -- the real model ------------------------------------------------------------------------------------------------
