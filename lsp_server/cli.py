@@ -70,6 +70,13 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "decode":
+        from bench.decode import run_decode_bench
+        from bench.pie import DEFAULT_DATA
+
+        run_decode_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit or 12,
+                         json_out=args.json_out, cache=args.cache_dir)
+        return 0
     if args.suite == "fim":
         from bench.fim import run_fim_bench
         from bench.pie import DEFAULT_DATA
@@ -144,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("suite", choices=["engine", "pie", "fim", "lsp"])
+    bench.add_argument("suite", choices=["engine", "pie", "fim", "decode", "lsp"])
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
     bench.add_argument("--quick", action="store_true",
                        help="engine: fewer repetitions and sizes (smoke test); lsp: 1 file, 1 keystroke per case")
     bench.add_argument("--data", type=Path, default=None,
-                       help="pie, fim: edits file, JSON lines (default: the dev set)")
+                       help="pie, fim, decode: edits file, JSON lines (default: the dev set)")
     bench.add_argument("--limit", type=int, default=None,
                        help="pie, fim: only the first N records (fim: 20 by default); lsp: N files (2)")
     bench.set_defaults(func=cmd_bench)

@@ -95,7 +95,7 @@ class Completer:
         self._calls = 0
         self._edits_s = 0.0  # time applying edits since the last completion
         self._reused = self._encoded = 0
-        self.draft_method = "superposed"  # or "batched" (beam search): bench/decode.py compares them
+        self.draft_method = "batched"  # beam search; "superposed" drafted no better here (bench/decode.py)
         self.persist_dir = persist_dir
         self.recycler = self._load_recycler()
         self.ngram: NgramModel | None = None  # built in an idle step (a minute, once per tokenizer)
