@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.generate import SINGLE_LINE, greedy_complete, prefill
+from inference.generate import SINGLE_LINE, completion_text, greedy_complete, prefill
 from inference.ngram import NgramModel
 from inference.prompt import Prompt, fim_prompt
 from inference.superposed import batched_complete, code_before_cursor, superposed_complete
@@ -46,7 +46,7 @@ def test_every_draft_starts_with_the_healed_bytes(tiny_model, complete):
     for draft in result.drafts:
         generated = _generated(tiny_model, draft)
         assert generated.startswith(prompt.healed)
-        assert draft.text == generated[len(prompt.healed):].decode("utf-8", "replace")
+        assert draft.text == completion_text(generated[len(prompt.healed):])
 
 
 @pytest.mark.parametrize("complete", DECODERS)
