@@ -17,7 +17,6 @@ The lookup corpus and the n-gram overlay are the buffer as it is (the target lin
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import sys
@@ -27,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.engine import machine_info, peak_rss_mb, write_json
-from bench.pie import DEFAULT_DATA, format_table, load_records
+from bench.engine import machine_info, peak_rss_mb
+from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
 from inference.drafting import Recycler
 from inference.fetch import cache_root
 from inference.generate import GenerationResult, greedy_complete
@@ -193,22 +192,14 @@ def run_decode_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, l
     summary = {"model": model, "data": str(data), "limit": limit, "line_tokens": LINE_TOKENS,
                "multi_tokens": MULTI_TOKENS, "machine": machine_info(), "wall_s": time.perf_counter() - t0,
                "peak_rss_mb": peak_rss_mb(), **overall, "records": results}
-    print(f"decode benchmark: {model}, {overall['n']} completion points in {len(results)} records of {data.name}")
-    print(format_table({"all": overall}, TABLE_COLUMNS))
-    path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    report(summary, f"decode benchmark: {model}, {overall['n']} completion points in {len(results)} records of "
+           f"{data.name}", format_table({"all": overall}, TABLE_COLUMNS), json_out or DEFAULT_JSON)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--cache", type=Path, default=None, help="model cache (default: $SUPERPIE_CACHE)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, default=12, help="only the first N records (default 12)")
+    parser = edits_parser("python -m bench.decode", __doc__, DEFAULT_JSON, 12)
     parser.add_argument("--k", type=int, default=3, help="drafts for superposed and batched decoding")
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
     args = parser.parse_args(argv)
     run_decode_bench(args.model, data=args.data, limit=args.limit, json_out=args.json_out, cache=args.cache,
                      k=args.k)

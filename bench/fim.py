@@ -16,7 +16,6 @@ Targets are visited from the bottom of the file up, so each one's prefix rows ar
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.engine import machine_info, peak_rss_mb, write_json
-from bench.pie import DEFAULT_DATA, format_table, load_records
+from bench.engine import machine_info, peak_rss_mb
+from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
 from inference.generate import KVRows, greedy_complete
 from inference.healing import TokenHealer
 from inference.model_store import LoadedModel, load_model
@@ -143,22 +142,13 @@ def run_fim_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, limi
     summary = {"model": model, "data": str(data), "limit": limit, "max_tokens": MAX_TOKENS,
                "machine": machine_info(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
                **overall, "records": results}
-    print(f"FIM layout benchmark: {model}, {len(results)} records of {data.name}")
-    print(format_table({"all": overall}, TABLE_COLUMNS))
-    path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    report(summary, f"FIM layout benchmark: {model}, {len(results)} records of {data.name}",
+           format_table({"all": overall}, TABLE_COLUMNS), json_out or DEFAULT_JSON)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fim", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--cache", type=Path, default=None, help="model cache (default: $SUPERPIE_CACHE)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--limit", type=int, default=20, help="only the first N records (default 20)")
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
-    args = parser.parse_args(argv)
+    args = edits_parser("python -m bench.fim", __doc__, DEFAULT_JSON, 20).parse_args(argv)
     run_fim_bench(args.model, data=args.data, limit=args.limit, json_out=args.json_out, cache=args.cache)
     return 0
 

@@ -243,22 +243,33 @@ def run_pie_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, limi
     summary = {"model": model, "data": str(data), "limit": limit, "max_tokens": MAX_TOKENS,
                "machine": machine_info(), "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
                **groups["all"], "groups": groups, "records": results}
-    print(f"pie benchmark: {model}, {len(results)} records of {data.name}, peak RSS {summary['peak_rss_mb']:.0f} MB")
-    print(format_table(groups))
-    path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    report(summary, f"pie benchmark: {model}, {len(results)} records of {data.name}, peak RSS "
+           f"{summary['peak_rss_mb']:.0f} MB", format_table(groups), json_out or DEFAULT_JSON)
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.pie", description=__doc__.splitlines()[0])
+def edits_parser(prog: str, doc: str, default_json: Path, default_limit: int | None) -> argparse.ArgumentParser:
+    """The options of every benchmark over the edits dataset: model, cache, data, limit, JSON output."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default: $SUPERPIE_CACHE)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"edits, JSON lines (default: {DEFAULT_DATA})")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N records")
-    parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
-    args = parser.parse_args(argv)
+    parser.add_argument("--limit", type=int, default=default_limit,
+                        help=f"only the first N records (default: {default_limit or 'all'})")
+    parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {default_json}")
+    return parser
+
+
+def report(summary: dict[str, Any], title: str, table: str, path: Path) -> None:
+    """Print the title and table, write the JSON summary."""
+    print(title)
+    print(table)
+    write_json(summary, path)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = edits_parser("python -m bench.pie", __doc__, DEFAULT_JSON, None).parse_args(argv)
     run_pie_bench(args.model, data=args.data, limit=args.limit, json_out=args.json_out, cache=args.cache)
     return 0
 
