@@ -171,6 +171,8 @@ class SuperpieServer(LanguageServer):
         for gen in list(self.inflight.values()):
             gen.cancel.set()
         await asyncio.to_thread(self.worker.stop)
+        if self.completer is not None:  # the worker has stopped: nothing else touches it now
+            await asyncio.to_thread(self.completer.save_state)
 
     # -- text sync -----------------------------------------------------------------------------------------
 
