@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import machine_info, peak_rss_mb
+from bench.fim import lines_to_type, open_after
 from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
 from inference.drafting import Recycler
 from inference.fetch import cache_root
@@ -39,9 +40,7 @@ from inference.registry import DEFAULT_MODEL
 from inference.speculative import speculative_complete
 from inference.superposed import batched_complete, superposed_complete
 from inference.syntax import SyntaxStop, finish, repeated_suffix
-from kv_cache.document import CursorContext, DocumentCache
-from kv_cache.edits import TextEdit
-from kv_cache.store import BufferStore
+from kv_cache.document import CursorContext
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "decode.json"
 LINE_TOKENS = 24
@@ -104,17 +103,11 @@ class DecodeRunner:
 
 
 def bench_record(runner: DecodeRunner, record: dict[str, Any]) -> dict[str, Any]:
-    model = runner.model
-    store = BufferStore(4096, None, "bench", decoder=model.decoder)
-    doc = DocumentCache("file:///bench.py", record["after"], model.decoder, model.tokenizer, store)
-    doc.ensure_rows()
+    doc = open_after(runner.model, record)
     targets = []
-    for target in sorted(record["targets"], key=lambda t: -t["offset"]):
-        cursor = target["offset"] + len(target["indent"])
-        removed = target["text"][len(target["indent"]):]
-        doc.apply([TextEdit(cursor, cursor + len(removed), "")])
+    for line in lines_to_type(doc, record):
         runner.ngram.add_document("buffer", doc.ids)
-        ctx = doc.context(cursor, with_suffix=False)
+        ctx = doc.context(line.cursor, with_suffix=False)
         result = runner.target(ctx, list(doc.ids))
         runner.ngram.remove_document("buffer")
         line_prefix = ctx.prefix[ctx.prefix.rfind("\n") + 1:]
@@ -123,9 +116,8 @@ def bench_record(runner: DecodeRunner, record: dict[str, Any]) -> dict[str, Any]
         result["suffix_duplications"] = sum(bool(repeated_suffix(d, ctx.prefix, ctx.suffix)) for d in finals)
         result["unbalanced"] = (sum(not brackets_balanced(line_prefix + d.split("\n", 1)[0] + line_suffix)
                                     for drafts in result["drafts"].values() for d in drafts)
-                                if brackets_balanced(target["text"]) else 0)
-        doc.apply([TextEdit(cursor, cursor, removed)])
-        targets.append({"line": target["line"], "expected": removed, **result})
+                                if brackets_balanced(line.target["text"]) else 0)
+        targets.append({"line": line.target["line"], "expected": line.expected, **result})
     return {"commit": record["commit"], "path": record["path"], "tokens": len(doc.ids), "targets": targets}
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,22 +84,43 @@ class LayoutPredictor:
         return predictions, {"borrowed_s": borrowed_s, "fresh_s": fresh_s}
 
 
-def bench_record(predictor: LayoutPredictor, record: dict[str, Any]) -> dict[str, Any]:
-    model = predictor.model
+@dataclass
+class LineToType:
+    """One target line deleted after its indentation: the document as the user sees it before typing it."""
+
+    target: dict[str, Any]
+    cursor: int
+    expected: str  # the deleted text
+    edit_s: float  # seconds the deletion took (a PIE edit)
+
+
+def open_after(model: LoadedModel, record: dict[str, Any]) -> DocumentCache:
+    """The record's file after its commit, with all its rows encoded."""
     store = BufferStore(4096, None, "bench", decoder=model.decoder)
     doc = DocumentCache("file:///bench.py", record["after"], model.decoder, model.tokenizer, store)
     doc.ensure_rows()
-    targets = []
+    return doc
+
+
+def lines_to_type(doc: DocumentCache, record: dict[str, Any]) -> Iterator[LineToType]:
+    """Each target line deleted in turn, bottom up (so every prefix's rows stay exact), and put back when the
+    caller asks for the next one."""
     for target in sorted(record["targets"], key=lambda t: -t["offset"]):
         cursor = target["offset"] + len(target["indent"])
         removed = target["text"][len(target["indent"]):]
         t0 = time.perf_counter()
         doc.apply([TextEdit(cursor, cursor + len(removed), "")])
-        edit_s = time.perf_counter() - t0
-        predictions, seconds = predictor.predict(doc, cursor)
+        yield LineToType(target, cursor, removed, time.perf_counter() - t0)
         doc.apply([TextEdit(cursor, cursor, removed)])
-        targets.append({"line": target["line"], "expected": removed, "predictions": predictions,
-                        "edit_s": edit_s, **seconds})
+
+
+def bench_record(predictor: LayoutPredictor, record: dict[str, Any]) -> dict[str, Any]:
+    doc = open_after(predictor.model, record)
+    targets = []
+    for line in lines_to_type(doc, record):
+        predictions, seconds = predictor.predict(doc, line.cursor)
+        targets.append({"line": line.target["line"], "expected": line.expected, "predictions": predictions,
+                        "edit_s": line.edit_s, **seconds})
     return {"commit": record["commit"], "path": record["path"], "tokens": len(doc.ids), "targets": targets}
 
 
