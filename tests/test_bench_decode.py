@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from bench.decode import brackets_balanced, run_decode_bench
-from tests.test_bench_pie import records
+from tests.test_bench_pie import write_records
 
 KEYS = ("speedup_speculative", "identical_outputs", "superposed_time_ratio", "em_greedy", "em_draft1",
         "em_best_of_k", "suffix_duplications", "n")
@@ -18,8 +17,7 @@ KEYS = ("speedup_speculative", "identical_outputs", "superposed_time_ratio", "em
 def test_decode_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "edits.jsonl.gz"
-    with gzip.open(data, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records())
+    write_records(data)
     out = tmp_path / "decode.json"
     run_decode_bench(str(tiny_gguf), data=data, json_out=out, cache=tiny_cache, k=3)
 

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from bench.fim import run_fim_bench
-from tests.test_bench_pie import records
+from tests.test_bench_pie import write_records
 
 
 def test_fim_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "edits.jsonl.gz"
-    with gzip.open(data, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records())
+    write_records(data)
     out = tmp_path / "fim.json"
     run_fim_bench(str(tiny_gguf), data=data, json_out=out, cache=tiny_cache)
 

@@ -66,6 +66,13 @@ def records() -> list[dict[str, Any]]:
     ]
 
 
+def write_records(path: Path) -> Path:
+    """The synthetic records as a gzipped JSON-lines file, the dataset's format."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in records())
+    return path
+
+
 def test_hunks_become_edits_that_rebuild_after() -> None:
     for rec in records():
         text = rec["before"]
@@ -84,8 +91,7 @@ def test_cached_rows_stop_before_a_token_straddling_the_offset() -> None:
 def test_pie_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "edits.jsonl.gz"
-    with gzip.open(data, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in records())
+    write_records(data)
     out = tmp_path / "pie.json"
     run_pie_bench(str(tiny_gguf), data=data, json_out=out, cache=tiny_cache)
 
