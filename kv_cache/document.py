@@ -105,12 +105,12 @@ class DocumentCache:
         return rows
 
     def pending_tokens(self) -> int:
-        """Tokens of the window that have no rows yet."""
-        rows = self.cache()
+        """Tokens of the window that have no rows in memory (rows on disk count: they must be read back)."""
+        rows = self.store.peek(self.uri)
         return self.target_hi - self.lo if rows is None else self.target_hi - self.hi
 
     def stale_rows(self) -> int:
-        rows = self.store.get(self.uri)
+        rows = self.store.peek(self.uri)
         return 0 if rows is None else int(rows.stale.sum())
 
     # -- edits -------------------------------------------------------------------------------------------
@@ -224,8 +224,10 @@ class DocumentCache:
         return rows
 
     def refresh_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
-        """Re-encode up to `max_tokens` stale rows, the first ones first (exact, see BufferCache.refresh)."""
-        rows = self.store.get(self.uri)
+        """Re-encode up to `max_tokens` stale rows, the first ones first (exact, see BufferCache.refresh).
+
+        Idle work: it does not make the document the most recently used one."""
+        rows = self.store.peek(self.uri)
         if rows is None:
             return 0
         stale = np.flatnonzero(rows.stale)

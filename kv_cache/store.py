@@ -64,6 +64,10 @@ class BufferStore:
             self.touch(uri)
         return cache
 
+    def peek(self, uri: str) -> BufferCache | None:
+        """The open cache for `uri` without marking it as in use (for statistics and idle work)."""
+        return self._caches.get(uri)
+
     def put(self, uri: str, cache: BufferCache) -> None:
         """Hold `cache` for `uri` as the one in use, then evict others to fit the budget."""
         self.decoder = self.decoder or cache.decoder

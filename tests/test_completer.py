@@ -144,3 +144,17 @@ def test_token_recycling_table_survives_a_restart(tiny_model_fp32, tmp_path):
     assert (completer.recycler.successors >= 0).any()  # the decode taught it something
     again = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
     assert (again.recycler.successors == completer.recycler.successors).all()
+
+
+def test_idle_work_and_statistics_leave_the_document_in_use_most_recent(completer):
+    completer.open("file:///w/a.py", SOURCE)
+    completer.open("file:///w/b.py", SOURCE[:1500])
+    while completer.refresh_step():
+        pass
+    completer.change("file:///w/b.py", [TextEdit(10, 10, "import os\n")])  # leaves b with stale rows
+    completer.complete("file:///w/a.py", 1000, CompletionOptions(max_tokens=2, drafts=1))
+    completer.stats()
+    assert completer.store.peek("file:///w/b.py").stale.any()
+    while completer.refresh_step():  # refreshing b's rows is not using b
+        assert completer.store.lru_order()[-1] == "file:///w/a.py"
+    assert not completer.store.peek("file:///w/b.py").stale.any()

@@ -277,3 +277,13 @@ def test_twenty_open_documents_stay_within_budget(tiny_model, tmp_path, model_id
     assert stats.evictions >= 15 and len(list(tmp_path.iterdir())) == stats.evictions
     # Measured: ~5 MB with this ~4 MB budget, ~19 MB when nothing is evicted; the allocator adds ±7 MB noise.
     assert rss_growth < 12 * raw_one
+
+
+def test_peek_does_not_change_eviction_order(encoded, tmp_path, model_id):
+    store = BufferStore(1024, tmp_path, model_id)
+    for uri, cache in list(encoded.items())[:3]:
+        store.put(uri, cache)
+    order = store.lru_order()
+    assert store.peek(order[0]) is encoded[order[0]]
+    assert store.peek("file:///missing.py") is None
+    assert store.lru_order() == order
