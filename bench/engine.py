@@ -5,7 +5,7 @@ measured in another (`--one QUANT`), so peak RSS is per model and free of the co
 an out-of-memory kill stays contained. The parent prints a markdown table and writes a JSON summary. Machines
 are noisy: compare only ratios against the baseline measured in the same run.
 
-    python -m bench.engine [--json OUT] [--model M] [--cache DIR] [--quick]
+    python -m bench.engine [--json OUT] [--model M] [--cache DIR] [--quick] [--speed-sources F ...] [--quality-source F]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,18 @@ VERIFY_SIZES = (1, 4, 8, 16)
 QUALITY_CHUNK = 256  # logits for every position are [chunk, vocab]: bound that memory
 
 
-def stdlib_text(*names: str) -> str:
-    """Concatenated standard-library sources: deterministic real code without shipping a corpus."""
+def stdlib_paths(*names: str) -> list[Path]:
+    """Standard-library sources: deterministic real code without shipping a corpus."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return "".join((stdlib / name).read_text(encoding="utf-8") for name in names)
+    return [stdlib / name for name in names]
 
 
-def code_tokens(model: LoadedModel, names: tuple[str, ...], count: int) -> list[int]:
-    """The first `count` tokens of the sources; fails loudly rather than benchmark a shorter prompt."""
-    ids = model.tokenizer.encode(stdlib_text(*names))
+def code_tokens(model: LoadedModel, paths: Sequence[Path], count: int) -> list[int]:
+    """The first `count` tokens of the concatenated sources; fails loudly rather than benchmark a shorter prompt."""
+    ids = model.tokenizer.encode("".join(path.read_text(encoding="utf-8") for path in paths))
     if len(ids) < count:
-        raise RuntimeError(f"{', '.join(names)} give only {len(ids)} tokens, the benchmark needs {count}")
+        names = ", ".join(path.name for path in paths)
+        raise RuntimeError(f"{names} give only {len(ids)} tokens, the benchmark needs {count}")
     return ids[:count]
 
 
@@ -139,21 +141,27 @@ def bench_prepare(model_name: str, quantization: str, *, cache: Path | None) -> 
     return {"prepare_s": time.perf_counter() - t0, "prepare_peak_rss_mb": peak_rss_mb()}
 
 
-def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: bool) -> dict[str, Any]:
+def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: bool,
+              speed_sources: Sequence[Path] | None = None, quality_source: Path | None = None) -> dict[str, Any]:
     """Every measurement for one prepared quantization; runs inside the `--one` subprocess.
 
+    The code measured defaults to SPEED_SOURCES and QUALITY_SOURCE of this Python's standard library.
     peak_rss_mb is taken before the quality pass: serving never asks for logits at 256 positions at once.
     """
     model = load_model(model_name, quantization, cache=cache, progress=False)
     decoder = model.decoder
     sizes = QUICK_PREFILL_SIZES if quick else PREFILL_SIZES
     decode_steps, verify_runs = (16, 5) if quick else (32, 9)
-    ids = code_tokens(model, SPEED_SOURCES, max(max(sizes), PAST + max(decode_steps, max(VERIFY_SIZES))))
+    speed_sources = speed_sources or stdlib_paths(*SPEED_SOURCES)
+    quality_source = quality_source or stdlib_paths(QUALITY_SOURCE)[0]
+    ids = code_tokens(model, speed_sources, max(max(sizes), PAST + max(decode_steps, max(VERIFY_SIZES))))
     result: dict[str, Any] = {
         "quantization": quantization,
         "threads": decoder.session.get_session_options().intra_op_num_threads,
         "providers": decoder.providers,
         "load_s": model.timings["load_s"],
+        "speed_sources": [str(path) for path in speed_sources],  # figures compare only on the same code
+        "quality_source": str(quality_source),
     }
     result.update(measure_prefill(decoder, ids, sizes))
     rows, _ = prefill(decoder, ids[:PAST])
@@ -161,26 +169,35 @@ def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: 
     result.update(measure_decode(decoder, rows, ids[PAST:PAST + decode_steps]))
     result.update(measure_verify(decoder, rows, ids[PAST:], verify_runs))
     result["peak_rss_mb"] = peak_rss_mb()
-    result.update(measure_quality(decoder, code_tokens(model, (QUALITY_SOURCE,), 256 if quick else 1024)))
+    result.update(measure_quality(decoder, code_tokens(model, [quality_source], 256 if quick else 1024)))
     result["quality_peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def run_child(mode: str, model: str, quantization: str, *, cache: Path | None, quick: bool) -> dict[str, Any]:
+def source_args(speed_sources: Sequence[Path] | None, quality_source: Path | None) -> list[str]:
+    """The command-line options that hand the code to measure to a `--one` subprocess (none: the defaults)."""
+    args = ["--speed-sources", *map(str, speed_sources)] if speed_sources else []
+    return args + (["--quality-source", str(quality_source)] if quality_source is not None else [])
+
+
+def run_child(mode: str, model: str, quantization: str, *, cache: Path | None, quick: bool,
+              extra: Sequence[str] = ()) -> dict[str, Any]:
     """`--prepare` or `--one` in a fresh interpreter; its stdout's last line is the JSON result."""
     command = [sys.executable, "-m", "bench.engine", mode, quantization, "--model", model]
     command += ["--cache", str(cache)] if cache is not None else []
     command += ["--quick"] if quick else []
+    command += extra
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr passes through (progress, errors)
     if done.returncode != 0:
         raise SystemExit(f"bench engine: {mode} {quantization} failed (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_quantization(model: str, quantization: str, *, cache: Path | None, quick: bool) -> dict[str, Any]:
-    """Preparation, then measurements, each in its own process."""
+def bench_quantization(model: str, quantization: str, *, cache: Path | None, quick: bool,
+                       sources: Sequence[str] = ()) -> dict[str, Any]:
+    """Preparation, then measurements (of the code `sources` names, see source_args), each in its own process."""
     prepared = run_child("--prepare", model, quantization, cache=cache, quick=quick)
-    return {**prepared, **run_child("--one", model, quantization, cache=cache, quick=quick)}
+    return {**prepared, **run_child("--one", model, quantization, cache=cache, quick=quick, extra=sources)}
 
 
 def compare_quality(default: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
@@ -245,10 +262,16 @@ def write_json(summary: dict[str, Any], path: Path) -> None:
 
 
 def run_engine_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, cache: Path | None = None,
-                     quick: bool = False) -> dict[str, Any]:
-    """Measure fp32 then the default quantization, print the table, write the JSON; returns the summary."""
-    baseline = bench_quantization(model, BASELINE, cache=cache, quick=quick)
-    default = bench_quantization(model, DEFAULT_QUANTIZATION, cache=cache, quick=quick)
+                     quick: bool = False, speed_sources: Sequence[Path] | None = None,
+                     quality_source: Path | None = None) -> dict[str, Any]:
+    """Measure fp32 then the default quantization, print the table, write the JSON; returns the summary.
+
+    `speed_sources` (timed) and `quality_source` (perplexity) are the code measured; by default, this Python's
+    standard library files SPEED_SOURCES and QUALITY_SOURCE (tests pass fixed files: every machine, same text).
+    """
+    sources = source_args(speed_sources, quality_source)
+    baseline = bench_quantization(model, BASELINE, cache=cache, quick=quick, sources=sources)
+    default = bench_quantization(model, DEFAULT_QUANTIZATION, cache=cache, quick=quick, sources=sources)
     summary = {
         "model": model,
         "quantization_default": DEFAULT_QUANTIZATION,
@@ -272,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="model cache (default: $SUPERPIE_CACHE)")
     parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (smoke test)")
+    parser.add_argument("--speed-sources", type=Path, nargs="+", metavar="FILE",
+                        help=f"code to time (default: the standard library's {', '.join(SPEED_SOURCES)})")
+    parser.add_argument("--quality-source", type=Path, metavar="FILE",
+                        help=f"code to measure perplexity on (default: the standard library's {QUALITY_SOURCE})")
     internal = parser.add_mutually_exclusive_group()
     internal.add_argument("--prepare", metavar="QUANT", help="internal: fetch and convert one quantization")
     internal.add_argument("--one", metavar="QUANT", help="internal: measure one quantization, print its JSON")
@@ -279,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         print(json.dumps(bench_prepare(args.model, args.prepare, cache=args.cache)))
     elif args.one:
-        print(json.dumps(bench_one(args.model, args.one, cache=args.cache, quick=args.quick)))
+        print(json.dumps(bench_one(args.model, args.one, cache=args.cache, quick=args.quick,
+                                   speed_sources=args.speed_sources, quality_source=args.quality_source)))
     else:
-        run_engine_bench(args.model, json_out=args.json_out, cache=args.cache, quick=args.quick)
+        run_engine_bench(args.model, json_out=args.json_out, cache=args.cache, quick=args.quick,
+                         speed_sources=args.speed_sources, quality_source=args.quality_source)
     return 0
 
 

@@ -378,7 +378,8 @@ class BenchServer:
             stats = await self.stats()
             worker, cache = stats["server"]["worker"], stats["cache"] or {}
             state = (worker["idle_seconds"], cache.get("cached_tokens"), cache.get("stale_rows"))
-            still = (previous is not None and worker["queued"] == 0 and state[1:] == previous[1:]
+            still = (previous is not None and worker["queued"] == 0 and stats["cache"] is not None
+                     and state[1:] == previous[1:]
                      and state[0] - previous[0] < 0.005)
             calm = calm + 1 if still else 0
             if calm >= 2:
@@ -386,6 +387,16 @@ class BenchServer:
             previous = state
             await asyncio.sleep(0.1)
         raise TimeoutError(f"the {self.mode} server was still busy after {timeout:.0f} s")
+
+    async def cache_stats(self, timeout: float = 60) -> dict[str, Any]:
+        """The cache part of superpie.stats, once no model job runs or waits (it is null until then)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cache = (await self.stats())["cache"]
+            if cache is not None:
+                return cache
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"the {self.mode} server's model stayed busy for {timeout:.0f} s")
 
     async def open(self, uri: str, text: str) -> OpenDocument:
         await self.client.send(self.client.notification("textDocument/didOpen", {
@@ -432,14 +443,14 @@ def server_timings(entry: dict[str, float]) -> dict[str, float]:
 
 async def run_case(server: BenchServer, doc: OpenDocument, plan: FilePlan, case: str, gap_s: float) -> list[Sample]:
     """The keystrokes of one case, GAP_S apart; each sample gets the server's timings of its request."""
-    calls_before = (await server.stats())["cache"]["calls"]
+    calls_before = (await server.cache_stats())["calls"]
     samples = []
     for key in (k for k in plan.keystrokes if k.case == case):
         latency, text = await server.keystroke(doc, key)
         samples.append(Sample(plan.name, case, server.mode, key.line, key.cursor - key.start, round(latency, 2), text,
                               load_1m=os.getloadavg()[0]))
         await asyncio.sleep(gap_s)
-    recent = [e for e in (await server.stats())["cache"]["recent_timings"] if e["call"] > calls_before]
+    recent = [e for e in (await server.cache_stats())["recent_timings"] if e["call"] > calls_before]
     if len(recent) == len(samples):  # one model call per keystroke, as planned: pair them up
         for sample, entry in zip(samples, recent):
             sample.server = server_timings(entry)
@@ -573,16 +584,18 @@ async def _run(model: str, cache: Path | None, plans: list[FilePlan], modes: tup
 
 
 def run_lsp_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, cache: Path | None = None,
-                  files: int = 2, repeats: int = 2, refresh: str = "idle", modes: tuple[str, ...] = MODES,
-                  gap_s: float = GAP_S) -> dict[str, Any]:
-    """Run the benchmark, print the table, write the JSON; returns the summary."""
+                  sources: list[tuple[str, str]] | None = None, repeats: int = 2, refresh: str = "idle",
+                  modes: tuple[str, ...] = MODES, gap_s: float = GAP_S) -> dict[str, Any]:
+    """Run the benchmark over `sources` (name, text) pairs, by default two stdlib files; print the table, write
+    the JSON; returns the summary."""
+    sources = sources or stdlib_files(2)
     if refresh not in REFRESH_POLICIES:
         raise ValueError(f"refresh must be one of {', '.join(REFRESH_POLICIES)}")
     if not modes or any(mode not in SPLICE_MODES for mode in modes):
         raise ValueError(f"modes must be among {', '.join(SPLICE_MODES)}")
     if not 1 <= repeats <= 64:  # the server keeps the timings of its last 64 completions
         raise ValueError("--repeats must be from 1 to 64")
-    plans = [plan_file(name, text, repeats) for name, text in stdlib_files(files)]
+    plans = [plan_file(name, text, repeats) for name, text in sources]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.NamedTemporaryFile("w", prefix="superpie-bench-lsp-", suffix=".log", delete=False) as log:
@@ -594,7 +607,7 @@ def run_lsp_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, c
             for case in CASES if "pie" in summary_by_case[case]}
     summary = {
         "model": model,
-        "settings": {"files": files, "repeats": repeats, "modes": list(modes), "refresh": refresh,
+        "settings": {"files": len(plans), "repeats": repeats, "modes": list(modes), "refresh": refresh,
                      "gap_ms": round(1000 * gap_s), "scope": "single", "drafts": 1, "trigger": "automatic",
                      "far_chars": FAR_CHARS},
         "files": [{"name": p.name, "lines": p.original.count("\n"), "characters": len(p.original),
@@ -608,7 +621,7 @@ def run_lsp_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, c
         **info,
         "samples": [asdict(s) for s in samples],
     }
-    print(f"LSP latency: {model}, {files} file(s), {repeats} keystroke(s) per case and file, refresh {refresh}, "
+    print(f"LSP latency: {model}, {len(plans)} file(s), {repeats} keystroke(s) per case and file, refresh {refresh}, "
           f"{1000 * gap_s:.0f} ms between an answer and the next keystroke")
     print(format_table(summary_by_case, modes))
     path = json_out or DEFAULT_JSON
@@ -630,8 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap-ms", type=float, default=1000 * GAP_S, help="from an answer to the next keystroke")
     args = parser.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
-    run_lsp_bench(args.model, json_out=args.json_out, cache=args.cache, files=args.files, repeats=args.repeats,
-                  refresh=args.refresh, modes=modes, gap_s=args.gap_ms / 1000)
+    run_lsp_bench(args.model, json_out=args.json_out, cache=args.cache, sources=stdlib_files(args.files),
+                  repeats=args.repeats, refresh=args.refresh, modes=modes, gap_s=args.gap_ms / 1000)
     return 0
 
 

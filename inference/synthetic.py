@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import gguf
@@ -13,16 +12,13 @@ from inference.tokenizer import tokenizer_metadata, train_tiny_vocab
 TINY_LAYERS, TINY_D, TINY_HEADS, TINY_KV_HEADS, TINY_FFN, TINY_VOCAB = 2, 64, 4, 2, 128, 512
 
 
-def _training_text() -> list[str]:
-    """Real code that every machine has: a few standard-library modules (sorted, so deterministic)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [(stdlib / name).read_text(encoding="utf-8") for name in ("textwrap.py", "bisect.py", "heapq.py")]
+def write_tiny_gguf(path: Path, training_texts: list[str], *, architecture: str = "qwen2", seed: int = 0) -> Path:
+    """A qwen2 (with q/k/v biases, untied head) or llama (tied embeddings) model in F32 tensors.
 
-
-def write_tiny_gguf(path: Path, *, architecture: str = "qwen2", seed: int = 0) -> Path:
-    """A qwen2 (with q/k/v biases, untied head) or llama (tied embeddings) model in F32 tensors."""
+    The vocabulary is trained on `training_texts`, which the caller passes so that the same files give the
+    same model on every machine (the tests use their fixtures, not the host's standard library)."""
     rng = np.random.default_rng(seed)
-    tokens, token_types, merges = train_tiny_vocab(_training_text(), vocab_size=TINY_VOCAB)
+    tokens, token_types, merges = train_tiny_vocab(training_texts, vocab_size=TINY_VOCAB)
     ids = {t: i for i, t in enumerate(tokens)}
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name("superpie-tiny")

@@ -91,10 +91,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       cache=args.cache_dir)
         return 0
     if args.suite == "lsp":
-        from bench.lsp import run_lsp_bench
+        from bench.lsp import run_lsp_bench, stdlib_files
 
         run_lsp_bench(args.model, json_out=args.json_out, cache=args.cache_dir,
-                      files=args.limit or (1 if args.quick else 2), repeats=1 if args.quick else 2)
+                      sources=stdlib_files(args.limit or (1 if args.quick else 2)), repeats=1 if args.quick else 2)
         return 0
     from bench.engine import run_engine_bench
 

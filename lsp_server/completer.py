@@ -157,8 +157,12 @@ class Completer:
         total = time.perf_counter() - t0
         if not stopped:
             self._latencies.append(total)
-        texts = [(finish(d.text, ctx.prefix, ctx.suffix, language), d.score) for d in result.drafts]
-        suggestions = [Suggestion(text, score) for text, score in texts if text.strip()]
+        kept: dict[str, float] = {}
+        for draft in result.drafts:
+            text = finish(draft.text, ctx.prefix, ctx.suffix, language)
+            if text.strip():
+                kept.setdefault(text, draft.score)  # finish can make two drafts equal: keep the first (best)
+        suggestions = [Suggestion(text, score) for text, score in kept.items()]
         timings = {"edits_s": edits_s, "context_s": t1 - t0, **result.timings, "total_s": total}
         return self._outcome(suggestions, timings, stopped)
 

@@ -74,6 +74,12 @@ class Generation:
 
     version: int
     cancel: threading.Event = field(default_factory=threading.Event)
+    steps: int = 0  # cancel checks so far: one before decoding, then one per step (superpie.stats shows it)
+
+    def cancelled(self) -> bool:
+        """The decoder's check before each step (on the worker thread)."""
+        self.steps += 1
+        return self.cancel.is_set()
 
 
 class SuperpieServer(LanguageServer):
@@ -281,12 +287,16 @@ class SuperpieServer(LanguageServer):
     async def cmd_stats(self, *args: Any) -> dict[str, Any]:
         """Server, cache and latency statistics (`superpie.stats`). With a document URI as argument, also
         that document's version and a digest of its text as the server and the buffer cache hold it, so an
-        editor (or a test) can check that they are in sync."""
+        editor (or a test) can check that they are in sync.
+
+        The cache part is read on the worker. While the model runs or waits to run there, it is left out
+        (`cache` and `cache_sha256` are null): the answer comes at once, with `server.worker.decoding`
+        saying how far each suggestion in flight has got, instead of after the decode."""
         uri = args[0] if args and isinstance(args[0], str) else None
         if args and uri is None:
             raise JsonRpcInvalidParams("superpie.stats takes no argument or a document URI")
         cache = cached_digest = None
-        if self.model_state == "ready":
+        if self.model_state == "ready" and not self.worker.has_work(MODEL_JOBS):
             job = partial(self._stats_job, uri)
             cache, cached_digest = await asyncio.wrap_future(self.worker.submit(job, kind="stats", front=uri is None))
         result = {"server": self._server_stats(), "cache": cache}
@@ -307,9 +317,11 @@ class SuperpieServer(LanguageServer):
             steps += 1
             if not more:
                 break
-        cache = await self.cmd_stats()
+        cache = None
+        if self.model_state == "ready":
+            cache, _ = await asyncio.wrap_future(self.worker.submit(partial(self._stats_job, None), kind="stats"))
         return {"steps": steps, "seconds": round(time.perf_counter() - t0, 3),
-                "stale_rows": (cache["cache"] or {}).get("stale_rows")}
+                "stale_rows": (cache or {}).get("stale_rows")}
 
     # -- settings ------------------------------------------------------------------------------------------
 
@@ -450,7 +462,7 @@ class SuperpieServer(LanguageServer):
         self.inflight[doc.uri] = gen
         options = CompletionOptions(max_tokens=self.options.max_tokens, drafts=drafts, scope=self.options.scope,
                                     speculative=self.options.speculative, layout=self.options.layout)
-        future = self.worker.submit(partial(self._complete_job, doc.uri, offset, options, gen.cancel),
+        future = self.worker.submit(partial(self._complete_job, doc.uri, offset, options, gen.cancelled),
                                     kind="complete", uri=doc.uri, cancel=gen.cancel)
         try:
             outcome = await asyncio.wrap_future(future)
@@ -515,7 +527,7 @@ class SuperpieServer(LanguageServer):
             self.completer.close(uri)
 
     def _complete_job(self, uri: str, offset: int, options: CompletionOptions,
-                      cancel: threading.Event) -> CompletionOutcome | None:
+                      cancelled: Callable[[], bool]) -> CompletionOutcome | None:
         completer = self.completer
         if completer is None or uri not in completer.docs:
             return None
@@ -525,7 +537,7 @@ class SuperpieServer(LanguageServer):
             name = uri.rsplit("/", 1)[-1]
             progress = self._threadsafe(self._progress_begin("superpie: encoding", f"{name}: {pending} tokens"))
         try:
-            return completer.complete(uri, offset, options, cancel.is_set)
+            return completer.complete(uri, offset, options, cancelled)
         finally:
             if progress is not None:
                 self._threadsafe(self._progress_end(progress, "done"))
@@ -629,7 +641,8 @@ class SuperpieServer(LanguageServer):
             "counters": dict(self.counters),
             "latency": latency,
             "worker": {"queued": self.worker.queued, "running": self.worker.running_kind(),
-                       "jobs_done": self.worker.jobs_done, "idle_seconds": round(self.worker.idle_seconds, 3)},
+                       "jobs_done": self.worker.jobs_done, "idle_seconds": round(self.worker.idle_seconds, 3),
+                       "decoding": {uri: gen.steps for uri, gen in self.inflight.items()}},
             "pending_futures": len(self.protocol._request_futures),
             "rss_mb": rss_mb(),
         }

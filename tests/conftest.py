@@ -10,6 +10,17 @@ import pytest
 from inference.fetch import cache_root
 from inference.model_store import LoadedModel, load_model
 from inference.synthetic import write_tiny_gguf
+from tests.fixtures import vocab_texts
+
+collect_ignore = ["data"]  # fixture sources, some named test_*.py
+
+
+def pytest_report_header() -> str:
+    """The CPU in the header: the tiny model's outputs and all timings differ between AVX2 and AVX-512."""
+    from bench.engine import cpu_description
+
+    cpu = cpu_description()
+    return f"cpu: {cpu['cpu']}, {os.cpu_count()} cores, {' '.join(cpu['cpu_features'])}"
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +30,12 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.gguf")
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.gguf", vocab_texts())
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", architecture="llama", seed=1)
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", vocab_texts(), architecture="llama", seed=1)
 
 
 @pytest.fixture(scope="session")

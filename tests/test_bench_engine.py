@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 
 from bench.engine import run_engine_bench
+from tests.fixtures import CPYTHON
 
+SPEED_SOURCES = [CPYTHON / "textwrap.py", CPYTHON / "heapq.py"]  # the fixtures have no difflib.py, the CLI's third
+QUALITY_SOURCE = CPYTHON / "argparse.py"
 REQUIRED = ("decode_tok_s", "prefill_tok_s_256", "verify8_over_verify1", "peak_rss_mb", "load_s", "perplexity")
 
 
 def test_quick_engine_bench_writes_complete_json(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
                                                  capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "engine.json"
-    run_engine_bench(str(tiny_gguf), json_out=out, cache=tiny_cache, quick=True)
+    run_engine_bench(str(tiny_gguf), json_out=out, cache=tiny_cache, quick=True, speed_sources=SPEED_SOURCES,
+                     quality_source=QUALITY_SOURCE)
 
     summary = json.loads(out.read_text())
     assert summary["quantization_default"] == "q8"
@@ -26,6 +30,8 @@ def test_quick_engine_bench_writes_complete_json(tiny_gguf: Path, tiny_cache: Pa
             value = summary[run][key]
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (run, key, value)
         assert "argmax" not in summary[run]  # per-position data stays out of the summary
+        assert summary[run]["speed_sources"] == [str(p) for p in SPEED_SOURCES]  # the fixtures, not the host's
+        assert summary[run]["quality_source"] == str(QUALITY_SOURCE)
     assert summary["fp32"]["quantization"] == "fp32" and summary["default"]["quantization"] == "q8"
     assert 0.0 <= summary["quality"]["top1_agreement"] <= 1.0
     assert math.isfinite(summary["quality"]["perplexity_ratio"]) and summary["quality"]["perplexity_ratio"] > 0

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.lsp import CASES, FAR_CHARS, lsp_position, plan_file, run_lsp_bench, split_lines, stdlib_files
+from bench.lsp import CASES, FAR_CHARS, lsp_position, plan_file, run_lsp_bench, split_lines
+from tests.fixtures import cpython_text
 
 
 def test_plan_puts_every_keystroke_on_its_own_line_and_the_far_edit_far_above() -> None:
-    name, text = stdlib_files(1)[0]
+    name, text = "textwrap.py", cpython_text("textwrap.py")
     plan = plan_file(name, text, repeats=3)
     assert [k.case for k in plan.keystrokes] == [c for c in CASES for _ in range(3)]
     assert len({k.line for k in plan.keystrokes}) == 9  # distinct lines: the typed-through cache never answers
@@ -39,7 +40,8 @@ def test_positions_are_utf16_code_units() -> None:
 def test_lsp_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "lsp.json"
-    run_lsp_bench(str(tiny_gguf), json_out=out, cache=tiny_cache, files=1, repeats=2)
+    run_lsp_bench(str(tiny_gguf), json_out=out, cache=tiny_cache,
+                  sources=[("textwrap.py", cpython_text("textwrap.py"))], repeats=2)
 
     summary = json.loads(out.read_text())
     assert summary["settings"]["refresh"] == "idle" and summary["settings"]["gap_ms"] == 150

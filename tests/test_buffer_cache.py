@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from inference.generate import prefill
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.rotation import rerotate_keys
+from tests.fixtures import cpython_text
 
 DOC_TOKENS = 240
 INSERTED = "    return value + 1\n"  # text of the inserted tokens
@@ -19,7 +18,7 @@ INSERTED = "    return value + 1\n"  # text of the inserted tokens
 
 @pytest.fixture(scope="module")
 def source_ids(tiny_model) -> list[int]:
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+    text = cpython_text("textwrap.py")
     return tiny_model.tokenizer.encode(text)
 
 

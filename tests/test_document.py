@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,9 @@ from kv_cache.buffer_cache import BufferCache
 from kv_cache.document import DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
+from tests.fixtures import cpython_text
 
-SOURCE = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+SOURCE = cpython_text("textwrap.py")
 
 
 def _doc(model, text: str, budget: WindowBudget = WindowBudget(), mode: str = "pie") -> DocumentCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from inference import ngram as ngram_module
 from inference.ngram import ORDERS, NgramModel, load_base_table, tokenizer_hash
 from inference.tokenizer import tokenizer_from_metadata, tokenizer_metadata, train_tiny_vocab
+from tests.fixtures import CPYTHON
 
 VOCAB = 40
 WEIGHTS = (0.01, 0.04, 0.15)
@@ -119,6 +121,11 @@ def test_overlay_weight_scales_the_documents_counts():
         assert np.allclose(model.probs(doc[i - 3:i], np.arange(VOCAB)), expected(doc[i - 3:i], list(range(VOCAB))))
 
 
+def use_fixture_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Base tables count the fixtures' library files, chosen as the host's standard library would be."""
+    monkeypatch.setattr(ngram_module, "stdlib_sources", functools.partial(ngram_module.stdlib_sources, root=CPYTHON))
+
+
 def _other_tokenizer():
     """A second byte-level BPE with a different vocabulary than the tiny model's."""
     tokens, types, merges = train_tiny_vocab(["def f(x):\n    return x + 1\n" * 20], vocab_size=300)
@@ -127,6 +134,7 @@ def _other_tokenizer():
 
 
 def test_base_table_round_trips_through_the_cache(tiny_model, tmp_path: Path, monkeypatch):
+    use_fixture_sources(monkeypatch)
     tok = tiny_model.tokenizer
     built = NgramModel.for_tokenizer(tok, tmp_path, budget_bytes=60_000)
     files = list((tmp_path / "ngram").glob("*.npz"))
@@ -146,7 +154,8 @@ def test_base_table_round_trips_through_the_cache(tiny_model, tmp_path: Path, mo
     assert np.allclose(loaded.probs(ids, np.arange(tok.vocab_size)), built.probs(ids, np.arange(tok.vocab_size)))
 
 
-def test_base_table_is_rebuilt_for_another_tokenizer(tiny_model, tmp_path: Path):
+def test_base_table_is_rebuilt_for_another_tokenizer(tiny_model, tmp_path: Path, monkeypatch):
+    use_fixture_sources(monkeypatch)
     tok, other = tiny_model.tokenizer, _other_tokenizer()
     assert tokenizer_hash(tok) != tokenizer_hash(other)
     NgramModel.for_tokenizer(tok, tmp_path, budget_bytes=30_000)
@@ -160,7 +169,8 @@ def test_base_table_is_rebuilt_for_another_tokenizer(tiny_model, tmp_path: Path)
     assert top_token < other.vocab_size
 
 
-def test_a_damaged_cache_file_is_rebuilt(tiny_model, tmp_path: Path):
+def test_a_damaged_cache_file_is_rebuilt(tiny_model, tmp_path: Path, monkeypatch):
+    use_fixture_sources(monkeypatch)
     tok = tiny_model.tokenizer
     NgramModel.for_tokenizer(tok, tmp_path, budget_bytes=30_000)
     path = next((tmp_path / "ngram").glob("*.npz"))

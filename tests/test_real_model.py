@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import gguf
@@ -20,6 +19,7 @@ from inference.reference import reference_forward
 from inference.registry import DEFAULT_MODEL
 from inference.runtime import causal_bias
 from inference.weights import load_weights
+from tests.fixtures import cpython_text
 
 pytestmark = pytest.mark.real_model
 
@@ -33,7 +33,7 @@ AVERAGE = '''def average(values: list[float]) -> float:
 
 
 def _real_code_ids(model, n: int) -> list[int]:
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    text = cpython_text("textwrap.py")
     return model.tokenizer.encode(text)[:n]
 
 

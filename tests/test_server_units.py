@@ -221,9 +221,10 @@ def test_cancelled_queued_job_is_skipped_and_running_job_sees_its_event():
     worker.stop()
 
 
-def _wait_until(condition, timeout: float = 5) -> None:
-    deadline = time.time() + timeout
-    while not condition() and time.time() < deadline:
+def _wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.005)
 
 
@@ -238,12 +239,13 @@ def test_idle_steps_run_only_while_nothing_is_queued():
 
     worker = ModelWorker(idle)
     _wait_until(lambda: remaining[0] <= 0)
-    time.sleep(0.1)
-    assert calls.count("idle") == 5  # stopped once the step said nothing remains
+    # A job is a barrier: had the idle steps gone on after the fifth said nothing remains, they would come
+    # before it (the worker has no delay before its first idle steps).
     worker.submit(lambda: calls.append("job")).result(timeout=5)
-    _wait_until(lambda: calls.count("idle") == 6)
-    time.sleep(0.1)
-    assert calls[5] == "job" and calls.count("idle") == 6  # a job wakes the idle work once more, once
+    assert calls == ["idle"] * 5 + ["job"]
+    _wait_until(lambda: len(calls) == 7)  # a job wakes the idle work once more (after the idle delay)...
+    worker.submit(lambda: calls.append("job 2")).result(timeout=5)
+    assert calls == ["idle"] * 5 + ["job", "idle", "job 2"]  # ...once
     worker.stop()
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sysconfig
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,15 +11,12 @@ from inference.healing import TokenHealer
 from inference.prompt import Prompt, fim_prompt
 from inference.runtime import NEG_INF
 from inference.speculative import DraftTree, softmax_lanes, speculative_complete, verify_tree
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
+from tests.fixtures import cpython_text, never_ending
 
 def _snippets(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(prefix, suffix) pairs cut from real stdlib files at random points (mid-line and at line starts)."""
+    """(prefix, suffix) pairs cut from real library files at random points (mid-line and at line starts)."""
     rng = np.random.default_rng(seed)
-    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in ("argparse.py", "csv.py", "pprint.py",
-                                                                      "calendar.py", "shlex.py")]
+    texts = [cpython_text(name) for name in ("argparse.py", "csv.py", "pprint.py", "calendar.py", "shlex.py")]
     out = []
     for i in range(count):
         text = texts[i % len(texts)]
@@ -210,7 +204,7 @@ def test_speculative_output_equals_greedy_on_200_real_prompts(tiny_model):
 
 def test_continuing_a_cache_leaves_the_callers_rows_unchanged(tiny_model):
     decoder, tok = tiny_model.decoder, tiny_model.tokenizer
-    ids = tok.encode((STDLIB / "csv.py").read_text()[:1500])
+    ids = tok.encode(cpython_text("csv.py")[:1500])
     rows, _ = prefill(decoder, ids[:-5])
     before = [k.copy() for k in rows.keys]
     prompt = Prompt(ids[-5:], b"")
@@ -220,15 +214,16 @@ def test_continuing_a_cache_leaves_the_callers_rows_unchanged(tiny_model):
 
 
 def test_a_correct_draft_needs_few_forwards_when_verifying_is_cheap(tiny_model):
-    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
-    prompt = fim_prompt(tok, (STDLIB / "pprint.py").read_text()[:800], "", heal=False)
+    decoder, tok = tiny_model.decoder, never_ending(tiny_model.tokenizer)
+    prompt = fim_prompt(tok, cpython_text("pprint.py")[:800], "", heal=False)
     greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
     answer = greedy.drafts[0].token_ids
+    assert len(answer) == 40  # no stop token and no stop rule: always the whole budget
     corpus = [[*prompt.ids[-4:], *answer]]
     free = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=0.0,
                                 lookup_corpus=corpus)
     _assert_same(free, greedy)
-    assert len(answer) == 40 and free.timings["tree_steps"] <= 40 / 6
+    assert free.timings["tree_steps"] <= 40 / 6
     # when each verified token costs as much as a step, drafting stops paying: one token per forward
     costly = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=1.0,
                                   lookup_corpus=corpus)
@@ -237,8 +232,9 @@ def test_a_correct_draft_needs_few_forwards_when_verifying_is_cheap(tiny_model):
 
 
 def test_cancellation_returns_the_output_so_far(tiny_model):
-    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
-    prompt = fim_prompt(tok, (STDLIB / "calendar.py").read_text()[:1200], "")
+    """A decode cancelled before its 4th forward returns a strict prefix of the uncancelled output."""
+    decoder, tok = tiny_model.decoder, never_ending(tiny_model.tokenizer)
+    prompt = fim_prompt(tok, cpython_text("calendar.py")[:1200], "")
     greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
     calls = 0
 
@@ -249,7 +245,7 @@ def test_cancellation_returns_the_output_so_far(tiny_model):
 
     spec = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=cancelled)
     ids = spec.drafts[0].token_ids
-    assert len(greedy.drafts[0].token_ids) == 40
+    assert len(greedy.drafts[0].token_ids) == 40  # no stop token and no stop rule: always the whole budget
     assert spec.timings["cancelled"] == 1.0 and calls == 4
     assert 0 < len(ids) < len(greedy.drafts[0].token_ids) and greedy.drafts[0].token_ids[:len(ids)] == ids
     not_cancelled = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=lambda: False)
@@ -263,7 +259,7 @@ def test_real_model_speculative_output_equals_greedy(real_model):
     decoder, tok = real_model.decoder, real_model.tokenizer
     accepted = 0
     for name, cut in (("textwrap.py", 3000), ("bisect.py", 1500), ("heapq.py", 4000)):
-        text = (STDLIB / name).read_text()
+        text = cpython_text(name)
         cut = text.rfind("\n", 0, cut) + 1
         prompt = fim_prompt(tok, text[:cut], "")
         greedy = greedy_complete(decoder, tok, prompt, max_tokens=24, stop=None)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import sysconfig
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,8 +22,8 @@ from inference.tokenizer import CodeTokenizer, tokenizer_from_metadata
 from kv_cache import splice as splice_module
 from kv_cache.edits import TextEdit
 from kv_cache.splice import TokenizedText, TokenSplice, apply_edit, apply_edits
+from tests.fixtures import cpython_text
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = ("textwrap.py", "heapq.py", "shlex.py", "fnmatch.py", "colorsys.py", "json/encoder.py")
 NON_ASCII_COMMENTS = (
     "# 中文注释：堆的不变量",
@@ -37,7 +35,7 @@ NON_ASCII_COMMENTS = (
 
 def _excerpt(name: str, size: int = 3000) -> str:
     """About `size` characters from a third of the way in, past module docstrings, from a line start."""
-    source = (STDLIB / name).read_text(encoding="utf-8")
+    source = cpython_text(name)
     start = source.index("\n", len(source) // 3) + 1
     return source[start : start + size]
 
@@ -274,7 +272,7 @@ def _record_encoded_lengths(tokenizer: CodeTokenizer, monkeypatch: pytest.Monkey
 def test_a_small_edit_to_a_large_document_encodes_only_a_window(
     tokenizer: CodeTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    text = "".join((STDLIB / name).read_text(encoding="utf-8") for name in ("argparse.py", "typing.py"))[:200_000]
+    text = "".join(cpython_text(name) for name in ("argparse.py", "typing.py"))[:200_000]
     doc = TokenizedText.encode(text, tokenizer)
     middle = text.index("\n", len(text) // 2)
     lengths = _record_encoded_lengths(tokenizer, monkeypatch)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import sysconfig
+import gc
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from kv_cache import persist
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.store import BufferStore
+from tests.fixtures import cpython_text
 
 DOC_TOKENS = 240
 # Measured on the tiny model (2 layers: one at 127 levels, one at 63), 240–2,000-token documents:
@@ -23,7 +25,7 @@ MEMORY_DOC_TOKENS = 2000
 
 @pytest.fixture(scope="module")
 def source_ids(tiny_model) -> list[int]:
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+    text = cpython_text("textwrap.py")
     return tiny_model.tokenizer.encode(text)
 
 
@@ -80,7 +82,8 @@ def test_logits_after_restore_agree(model_name, request, source_ids, tmp_path):
     tail = source_ids[DOC_TOKENS:DOC_TOKENS + 1]
     restored = persist.load(persist.save(cache, tmp_path, model_id), model.decoder, model_id)
     before, after = cache.logits_after(tail), restored.logits_after(tail)
-    assert before.argmax() == after.argmax()
+    # Within this bound the prediction can only change where two tokens tie within 2 x the bound (the random
+    # model's near-ties depend on the CPU's rounding, so its argmax is not asserted).
     assert np.abs(before - after).max() < MAX_LOGIT_DELTA
 
 
@@ -266,17 +269,23 @@ def test_twenty_open_documents_stay_within_budget(tiny_model, tmp_path, model_id
     budget_mb = 4 * raw_one / 2**20
     store = BufferStore(budget_mb, tmp_path, model_id)
     rss_before, t0 = _rss_bytes(), time.perf_counter()
+    held = []  # weak references: an evicted document's rows must be freed, not kept somewhere
     for i in range(20):
-        store.put(f"file:///big{i}.py", _encoded(tiny_model, rng.integers(0, vocab, MEMORY_DOC_TOKENS)))
+        cache = _encoded(tiny_model, rng.integers(0, vocab, MEMORY_DOC_TOKENS))
+        held.append(weakref.ref(cache))
+        store.put(f"file:///big{i}.py", cache)
+        del cache
         assert store.bytes_used <= store.budget_bytes
+    gc.collect()
     rss_growth = _rss_bytes() - rss_before
     stats = store.stats()
     print(f"\n20 x {MEMORY_DOC_TOKENS} tokens: budget {store.budget_bytes} B, used {stats.bytes_used} B in "
           f"{stats.buffers} buffers ({stats.bytes_per_token:.0f} B/token), {stats.evictions} evictions, "
           f"RSS growth {rss_growth} B (all 20 raw: {20 * raw_one} B), {time.perf_counter() - t0:.1f} s")
     assert stats.evictions >= 15 and len(list(tmp_path.iterdir())) == stats.evictions
-    # Measured: ~5 MB with this ~4 MB budget, ~19 MB when nothing is evicted; the allocator adds ±7 MB noise.
-    assert rss_growth < 12 * raw_one
+    # Only the resident documents' rows are still alive. RSS is printed, not asserted: it depends on the host's
+    # allocator (measured ~5 MB with this ~4 MB budget, ~19 MB when nothing is evicted, ±7 MB noise).
+    assert sum(ref() is not None for ref in held) == stats.buffers
 
 
 def test_peek_does_not_change_eviction_order(encoded, tmp_path, model_id):

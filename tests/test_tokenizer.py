@@ -7,7 +7,6 @@ files named by SUPERPIE_TEST_QWEN_GGUF / SUPERPIE_TEST_SMOLLM_GGUF.
 from __future__ import annotations
 
 import os
-import sysconfig
 import unicodedata
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from inference.tokenizer import (
     tokenizer_metadata,
     train_tiny_vocab,
 )
+from tests.fixtures import cpython_files
 
 TOKENIZERS = ["qwen", "smollm", "tiny"]
 TinyVocab = tuple[list[str], list[int], list[str]]  # tokens, token_types, merges
@@ -87,23 +87,15 @@ def smollm(smollm_reader: gguf.GGUFReader) -> CodeTokenizer:
 
 
 @pytest.fixture(scope="module")
-def stdlib_texts() -> list[str]:
-    """Every 8th stdlib module in path order plus the three largest: real code, fixed per Python build."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        (f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts),
-        key=lambda f: f.relative_to(root).as_posix(),
-    )
-    largest = sorted(files, key=lambda f: f.stat().st_size)[-3:]
-    sample = files[::8] + [f for f in largest if f not in files[::8]]
-    assert len(sample) >= 200
-    # A few stdlib files are deliberately not UTF-8; U+FFFD keeps them as (valid) test text.
-    return [f.read_bytes().decode("utf-8", errors="replace") for f in sample]
+def library_texts() -> list[str]:
+    """The copied standard-library files (tests/data/cpython): real code, the same on every machine."""
+    # Two of them are deliberately not UTF-8; U+FFFD keeps them as (valid) test text.
+    return [f.read_bytes().decode("utf-8", errors="replace") for f in cpython_files()]
 
 
 @pytest.fixture(scope="module")
-def tiny_vocab(stdlib_texts: list[str]) -> TinyVocab:
-    return train_tiny_vocab(stdlib_texts[:40])
+def tiny_vocab(library_texts: list[str]) -> TinyVocab:
+    return train_tiny_vocab(library_texts)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +116,8 @@ def real_tokenizer(request: pytest.FixtureRequest) -> CodeTokenizer:
 
 
 @pytest.fixture(scope="module")
-def stdlib_ids(tokenizer: CodeTokenizer, stdlib_texts: list[str]) -> list[list[int]]:
-    return [tokenizer.encode(text) for text in stdlib_texts]
+def library_ids(tokenizer: CodeTokenizer, library_texts: list[str]) -> list[list[int]]:
+    return [tokenizer.encode(text) for text in library_texts]
 
 
 def _encodable_bytes(tokenizer: CodeTokenizer, text: str) -> bytes:
@@ -149,8 +141,8 @@ def _expected_offsets(tokenizer: CodeTokenizer, text: str, ids: list[int]) -> li
 # ---------------------------------------------------------------------------- round trip
 
 
-def test_round_trip_on_stdlib_code(tokenizer: CodeTokenizer, stdlib_texts: list[str], stdlib_ids: list[list[int]]):
-    mismatched = [i for i, (text, ids) in enumerate(zip(stdlib_texts, stdlib_ids)) if tokenizer.decode(ids) != text]
+def test_round_trip_on_library_code(tokenizer: CodeTokenizer, library_texts: list[str], library_ids: list[list[int]]):
+    mismatched = [i for i, (text, ids) in enumerate(zip(library_texts, library_ids)) if tokenizer.decode(ids) != text]
     assert mismatched == []
 
 
@@ -187,10 +179,10 @@ def test_smollm_drops_unrepresentable_bytes_rather_than_guessing(smollm: CodeTok
 
 
 def test_token_bytes_concatenate_to_utf8(
-    tokenizer: CodeTokenizer, stdlib_texts: list[str], stdlib_ids: list[list[int]]
+    tokenizer: CodeTokenizer, library_texts: list[str], library_ids: list[list[int]]
 ):
     token_bytes = tokenizer.token_bytes()
-    for text, ids in zip(stdlib_texts, stdlib_ids):
+    for text, ids in zip(library_texts, library_ids):
         assert b"".join(token_bytes[i] for i in ids) == text.encode("utf-8")
 
 
@@ -301,11 +293,11 @@ def test_qwen_blank_indentation_is_one_token(qwen: CodeTokenizer):
     assert [qwen.token_bytes()[i] for i in qwen.encode("    ")] == [b"    "]
 
 
-def test_nfc_normalizer_would_not_change_ids_of_nfc_text(qwen: CodeTokenizer, stdlib_texts: list[str]):
+def test_nfc_normalizer_would_not_change_ids_of_nfc_text(qwen: CodeTokenizer, library_texts: list[str]):
     with_nfc = Tokenizer.from_str(qwen.hf.to_str())
     with_nfc.normalizer = normalizers.NFC()
     with_nfc.encode_special_tokens = True
-    texts = [unicodedata.normalize("NFC", text) for text in stdlib_texts[:40] + TRICKY_TEXTS]
+    texts = [unicodedata.normalize("NFC", text) for text in library_texts + TRICKY_TEXTS]
     assert [e.ids for e in with_nfc.encode_batch(texts)] == [qwen.encode(text) for text in texts]
 
 
@@ -328,8 +320,8 @@ def test_sentencepiece_model_is_rejected(tiny_vocab: TinyVocab, tmp_path: Path):
 # ---------------------------------------------------------------------------- tiny vocabulary
 
 
-def test_tiny_vocab_training_is_deterministic(stdlib_texts: list[str]):
-    assert train_tiny_vocab(stdlib_texts[:10], vocab_size=400) == train_tiny_vocab(stdlib_texts[:10], vocab_size=400)
+def test_tiny_vocab_training_is_deterministic(library_texts: list[str]):
+    assert train_tiny_vocab(library_texts[:10], vocab_size=400) == train_tiny_vocab(library_texts[:10], vocab_size=400)
 
 
 def test_tiny_vocab_puts_control_specials_first(tiny_vocab: TinyVocab):

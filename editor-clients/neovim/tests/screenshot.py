@@ -128,8 +128,9 @@ def main() -> int:
     if model is None:
         sys.path.insert(0, str(PLUGIN.parents[1]))
         from inference.synthetic import write_tiny_gguf
+        from tests.fixtures import vocab_texts
 
-        model = write_tiny_gguf(work / "tiny.gguf")
+        model = write_tiny_gguf(work / "tiny.gguf", vocab_texts())
     source = work / "sample.py"
     source.write_text(SAMPLE)
     nvim = Path(sys.executable).parent / "nvim"
