@@ -1,10 +1,15 @@
 // End-to-end test of the packaged extension in a real VS Code: code-server on loopback, driven in
-// Debian's Chromium by playwright-core. Installs the .vsix, opens a Python file, types, waits for
-// ghost text from superpie, presses Tab, saves, and prints one JSON line with what it saw.
+// Debian's Chromium by playwright-core. Installs the .vsix, opens a Python file, types at its end, waits
+// for superpie's ghost text to settle, presses Tab, saves, and prints one JSON line with what it saw.
 // tests/test_vscode.py runs it and checks the file on disk. Run it with Node 24 (editor-clients/toolchain).
 //
 // node run.mjs --vsix X.vsix --python .venv/bin/python --model tiny.gguf --cache DIR --work DIR
+//              [--sample TEXT] [--typed TEXT] [--settings JSON] [--expect TEXT]
 //              [--screenshot OUT.png] [--chromium /usr/bin/chromium] [--timeout-s 120]
+//
+// --sample: the text of the file to open; --typed: what to type on its last (empty) line; --settings: the
+// superpie.* settings the server gets (camelCase keys); --expect: the ghost text to wait for (the test
+// computes the server's draft in-process: what a random-weight model says depends on the CPU).
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -26,6 +31,11 @@ const { values: args } = parseArgs({
         screenshot: { type: 'string' },
         chromium: { type: 'string', default: '/usr/bin/chromium' },
         'timeout-s': { type: 'string', default: '120' },
+        sample: { type: 'string', default: 'def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n    result = []\n' },
+        typed: { type: 'string', default: '    return res' },
+        // One line (scope single): the ghost text is then one inline decoration whose text the test can compare.
+        settings: { type: 'string', default: JSON.stringify({ maxTokens: 12, scope: 'single' }) },
+        expect: { type: 'string' },
     },
 });
 for (const name of ['vsix', 'python', 'model', 'cache', 'work']) {
@@ -33,6 +43,12 @@ for (const name of ['vsix', 'python', 'model', 'cache', 'work']) {
         throw new Error(`--${name} is required`);
     }
 }
+if (!args.sample.endsWith('\n') || args.typed === '' || args.typed.includes('\n')) {
+    throw new Error('--sample must end with a line break and --typed must be one non-empty line');
+}
+const serverSettings = Object.fromEntries(
+    Object.entries(JSON.parse(args.settings)).map(([key, value]) => [`superpie.${key}`, value]),
+);
 const deadline = Date.now() + Number(args['timeout-s']) * 1000;
 const remaining = () => Math.max(1000, deadline - Date.now());
 const t0 = Date.now();
@@ -49,7 +65,7 @@ for (const dir of [join(userData, 'User'), extensions, workspace]) {
     mkdirSync(dir, { recursive: true });
 }
 const source = join(workspace, 'sample.py');
-writeFileSync(source, 'def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n    result = []\n');
+writeFileSync(source, args.sample);
 writeFileSync(
     join(userData, 'User', 'settings.json'),
     JSON.stringify(
@@ -68,12 +84,15 @@ writeFileSync(
             'editor.quickSuggestions': { other: false, comments: false, strings: false },
             'editor.suggestOnTriggerCharacters': false,
             'editor.inlineSuggest.enabled': true,
+            // The line holds exactly what was typed (no closing bracket or quote added), and no hover under
+            // the mouse asks the server for drafts of its own while the test types.
+            'editor.autoClosingBrackets': 'never',
+            'editor.autoClosingQuotes': 'never',
+            'editor.hover.enabled': false,
             'superpie.server.python': args.python,
             'superpie.server.args': ['--model', args.model, '--no-persist', '--log-file', serverLog],
             'superpie.server.env': { SUPERPIE_CACHE: args.cache },
-            'superpie.maxTokens': 12,
-            // One line: the ghost text is then one inline decoration whose text the test can compare.
-            'superpie.scope': 'single',
+            ...serverSettings,
             'superpie.trace.server': 'messages',
         },
         null,
@@ -189,7 +208,8 @@ try {
     await page.keyboard.press('Enter');
     const editor = page.locator('.editor-instance .monaco-editor').first();
     await editor.waitFor({ timeout: remaining() });
-    await page.waitForSelector('.view-lines:has-text("result")', { timeout: remaining() });
+    const lastLine = args.sample.trimEnd().split('\n').at(-1).trim();
+    await page.waitForSelector(`.view-lines:has-text(${JSON.stringify(lastLine.split(/\s+/)[0])})`, { timeout: remaining() });
     mark('file-open');
 
     // The extension's status bar item turns to the sparkle once the server runs and its model is loaded.
@@ -198,23 +218,39 @@ try {
 
     await editor.locator('.view-lines').click();
     await page.keyboard.press(`${modifier}+End`);
-    const typed = '    return res';
+    const typed = args.typed;
     await page.keyboard.type(typed, { delay: 30 });
-    const ghost = page.locator('.monaco-editor .ghost-text-decoration').first();
-    await ghost.waitFor({ state: 'visible', timeout: remaining() });
+    const ghostParts = editor.locator('.ghost-text-decoration');
+    await ghostParts.first().waitFor({ state: 'visible', timeout: remaining() });
     mark('ghost-text');
     // The inline part of the ghost text (further lines, if any, are separate blocks).
-    const ghostText = fromScreen((await page.locator('.monaco-editor .ghost-text-decoration').allTextContents()).join(''));
-    const ghostLines = await page.locator('.monaco-editor .ghost-text').count();
+    const readGhost = async () => fromScreen((await ghostParts.allTextContents()).join(''));
+    // Read it once it has settled: the same on consecutive reads and, with --expect, the server's draft for
+    // the text as typed. What shows first may be the rest of an earlier keystroke's draft, typed through,
+    // until the answer for the whole text replaces it.
+    let ghostText = await readGhost();
+    let reads = ghostText === '' ? 0 : 1; // consecutive reads that found this same, non-empty, text
+    while (reads < 3 || (args.expect !== undefined && ghostText !== args.expect)) {
+        if (Date.now() > deadline) {
+            const wanted = args.expect !== undefined ? ` on ${JSON.stringify(args.expect)}` : '';
+            throw new Error(`the ghost text did not settle${wanted}: it shows ${JSON.stringify(ghostText)}`);
+        }
+        await page.waitForTimeout(100);
+        const now = await readGhost();
+        reads = now === '' ? 0 : now === ghostText ? reads + 1 : 1;
+        ghostText = now;
+    }
+    mark('ghost-settled');
+    const ghostLines = await editor.locator('.ghost-text').count();
     if (args.screenshot) {
         await page.screenshot({ path: args.screenshot });
     }
-    // The text of the typed line; ghost text is drawn inside the line, so it is left out.
+    // The text of the typed line, the file's last: ghost text is drawn inside the line, so it is left out.
     const lineText = async () =>
         fromScreen(
-            await page.evaluate(() => {
-                // eslint-disable-next-line no-undef -- this function runs in the page
-                const line = [...document.querySelectorAll('.view-line')].find((l) => l.textContent.replace(/\u00a0/g, ' ').includes('return res'));
+            await editor.evaluate((root) => {
+                const lines = [...root.querySelectorAll('.view-line')];
+                const line = lines.sort((a, b) => parseFloat(a.style.top) - parseFloat(b.style.top)).at(-1);
                 if (!line) {
                     return '';
                 }
@@ -228,22 +264,22 @@ try {
         throw new Error(`before Tab the line is ${JSON.stringify(beforeTab)}, not what was typed`);
     }
     await page.keyboard.press('Tab');
-    let afterTab = '';
-    for (let i = 0; i < 100 && (afterTab = await lineText()) === typed; i++) {
-        await page.waitForTimeout(100);
+    let afterTab = typed;
+    while ((afterTab = await lineText()) === typed && Date.now() < deadline) {
+        await page.waitForTimeout(50);
     }
     if (afterTab === typed) {
         throw new Error(`Tab did not accept the ghost text ${JSON.stringify(ghostText)}`);
     }
     await page.keyboard.press(`${modifier}+S`);
     // Wait for the save to land on disk.
-    let onDisk = '';
-    for (let i = 0; i < 100; i++) {
+    let onDisk = readFileSync(source, 'utf8');
+    while (!onDisk.includes(afterTab) && Date.now() < deadline) {
+        await page.waitForTimeout(50);
         onDisk = readFileSync(source, 'utf8');
-        if (onDisk.includes(afterTab)) {
-            break;
-        }
-        await page.waitForTimeout(100);
+    }
+    if (!onDisk.includes(afterTab)) {
+        throw new Error(`Ctrl+S did not save the accepted line ${JSON.stringify(afterTab)}:\n${onDisk}`);
     }
     mark('accepted');
     Object.assign(result, { ok: true, typed, ghostText, ghostLines, afterTab, onDisk, statusBar: await page.locator('.statusbar-item:has(.codicon-sparkle)').first().getAttribute('aria-label') });
