@@ -174,7 +174,7 @@ class SuperpieClient implements vscode.Disposable {
         this.lastStatsAt = now;
         void this.fetchStats()
             .then((stats) => {
-                this.status.stats = summarizeStats(stats);
+                this.status.stats = summarizeStats(stats, this.status.stats);
                 this.status.update();
             })
             .catch(() => undefined)
@@ -193,7 +193,7 @@ class SuperpieClient implements vscode.Disposable {
     async showStats(): Promise<void> {
         try {
             const stats = await this.fetchStats();
-            this.status.stats = summarizeStats(stats);
+            this.status.stats = summarizeStats(stats, this.status.stats);
             this.status.update();
             this.output.info(`superpie.stats: ${JSON.stringify(stats, null, 2)}`);
             this.output.show(true);

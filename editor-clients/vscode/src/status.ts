@@ -100,17 +100,18 @@ function finiteNumber(value: unknown): number | undefined {
 /**
  * Reads the status-bar numbers out of a `superpie.stats` answer: `{server: {model_state, model_error,
  * settings, latency: {inline: {p50_ms}}}, cache: {model, reuse_ratio, latency_p50_ms} | null}` (cache
- * is null until the model is loaded). Unknown shapes give an empty summary rather than an exception:
- * the status bar must never break the editor.
+ * is null until the model is loaded, and while it decodes: then the reuse of `previous` is kept). Unknown
+ * shapes give an empty summary rather than an exception: the status bar must never break the editor.
  */
-export function summarizeStats(stats: unknown): StatsSummary {
+export function summarizeStats(stats: unknown, previous: StatsSummary = {}): StatsSummary {
     if (!isRecord(stats)) {
         return {};
     }
     const summary: StatsSummary = {};
     const server = isRecord(stats.server) ? stats.server : {};
     const cache = isRecord(stats.cache) ? stats.cache : {};
-    const reuse = finiteNumber(cache.reuse_ratio);
+    const busy = stats.cache === null && server.model_state === 'ready';
+    const reuse = busy ? previous.reuse : finiteNumber(cache.reuse_ratio);
     if (reuse !== undefined && reuse >= 0 && reuse <= 1) {
         summary.reuse = reuse;
     }

@@ -56,6 +56,12 @@ test('before the model is loaded the cache is null and the server part still cou
     assert.match(view.tooltip, /loading the model/);
 });
 
+test('while the model decodes the cache part is null and the last reuse stays shown', () => {
+    const busy = { server: { model_state: 'ready', settings: { model: 'qwen' } }, cache: null };
+    assert.deepEqual(summarizeStats(busy, { reuse: 0.5, model: 'qwen' }), { reuse: 0.5, model: 'qwen', modelState: 'ready' });
+    assert.deepEqual(summarizeStats(busy), { model: 'qwen', modelState: 'ready' });
+});
+
 test('a model that failed to load shows a warning with the reason', () => {
     const stats = summarizeStats({ server: { model_state: 'failed', model_error: 'FileNotFoundError: x.gguf' } });
     const view = renderStatus({ state: 'ready', enabled: true, stats });
