@@ -376,3 +376,4 @@ def test_greedy_decoding_with_the_block_rule(tiny_model):
     lines = (prefix.rsplit("\n", 1)[-1] + out).splitlines()
     # No line of the block leaves the method body, and the suffix's next line is not written again.
     assert all(len(line) - len(line.lstrip()) > 4 for line in lines if line.strip()) or out.strip() == ""
+    assert "    def pop(self):" not in out.splitlines()
