@@ -14,7 +14,7 @@ from typing import Any
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
 from kv_cache.buffer_cache import SPLICE_MODES
-from lsp_server.completer import LAYOUTS, REFRESH_POLICIES, SCOPES
+from lsp_server.completer import LAYOUTS, REFRESH_POLICIES, SCOPES, CompletionOptions
 
 SECTION = "superpie"  # the workspace/configuration section and the initializationOptions wrapper key
 LOG_LEVELS = ("error", "warning", "info", "debug")
@@ -40,6 +40,15 @@ class ServerOptions:
     def model_identity(self) -> tuple[str, str]:
         """What a model reload depends on."""
         return self.model, self.quantization
+
+    def request_drafts(self, invoked: bool) -> int:
+        return self.drafts if invoked else self.automatic_drafts
+
+    def completion(self, drafts: int) -> CompletionOptions:
+        """What one request decodes with under these settings (the tests that pick prompts in-process use
+        the same, so they see what the server will answer)."""
+        return CompletionOptions(max_tokens=self.max_tokens, drafts=drafts, scope=self.scope,
+                                 speculative=self.speculative, layout=self.layout)
 
 
 def _camel(name: str) -> str:

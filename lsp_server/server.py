@@ -242,7 +242,7 @@ class SuperpieServer(LanguageServer):
         doc = self._document(params.text_document.uri)
         text, offset = doc.text, self._offset(doc, params.position)
         invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
-        drafts = self.options.drafts if invoked else self.options.automatic_drafts
+        drafts = self.options.request_drafts(invoked)
         selected = params.context.selected_completion_info
         selected_start = None
         if selected is not None:
@@ -297,8 +297,7 @@ class SuperpieServer(LanguageServer):
             raise JsonRpcInvalidParams("superpie.stats takes no argument or a document URI")
         cache = cached_digest = None
         if self.model_state == "ready" and not self.worker.has_work(MODEL_JOBS):
-            job = partial(self._stats_job, uri)
-            cache, cached_digest = await asyncio.wrap_future(self.worker.submit(job, kind="stats", front=uri is None))
+            cache, cached_digest = await self._read_cache(uri, front=uri is None)
         result = {"server": self._server_stats(), "cache": cache}
         if uri is not None:
             doc = self.documents.get(uri)
@@ -317,9 +316,7 @@ class SuperpieServer(LanguageServer):
             steps += 1
             if not more:
                 break
-        cache = None
-        if self.model_state == "ready":
-            cache, _ = await asyncio.wrap_future(self.worker.submit(partial(self._stats_job, None), kind="stats"))
+        cache = (await self._read_cache(None))[0] if self.model_state == "ready" else None
         return {"steps": steps, "seconds": round(time.perf_counter() - t0, 3),
                 "stale_rows": (cache or {}).get("stale_rows")}
 
@@ -460,8 +457,7 @@ class SuperpieServer(LanguageServer):
         self._cancel_generation(doc.uri, superseded=True)
         gen = Generation(version)
         self.inflight[doc.uri] = gen
-        options = CompletionOptions(max_tokens=self.options.max_tokens, drafts=drafts, scope=self.options.scope,
-                                    speculative=self.options.speculative, layout=self.options.layout)
+        options = self.options.completion(drafts)
         future = self.worker.submit(partial(self._complete_job, doc.uri, offset, options, gen.cancelled),
                                     kind="complete", uri=doc.uri, cancel=gen.cancel)
         try:
@@ -545,6 +541,10 @@ class SuperpieServer(LanguageServer):
     def _configure_job(self, cache_mode: str, budget_mb: float, refresh: str) -> None:
         if self.completer is not None:
             self.completer.configure(cache_mode=cache_mode, budget_mb=budget_mb, refresh=refresh)
+
+    async def _read_cache(self, uri: str | None, *, front: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+        """The cache statistics and the digest of `uri`'s cached text, read on the worker (it owns the caches)."""
+        return await asyncio.wrap_future(self.worker.submit(partial(self._stats_job, uri), kind="stats", front=front))
 
     def _stats_job(self, uri: str | None) -> tuple[dict[str, Any] | None, str | None]:
         completer = self.completer

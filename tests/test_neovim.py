@@ -23,15 +23,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions
-from lsp_server.options import ServerOptions, parse_options
+from lsp_server.completer import CompletionOptions
+from tests.typing_probe import first_suitable, near_tie, request_options, runs_through, suggestion_texts, typed
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "editor-clients" / "neovim"
@@ -169,16 +169,6 @@ def as_displayed(text: str) -> str:
                    for c in text)
 
 
-def request_options(settings: dict[str, Any], *, invoked: bool) -> CompletionOptions:
-    """The CompletionOptions that lsp_server/server.py (`_suggest`) builds for an inline request under these
-    settings: an Invoked request asks for `drafts` drafts, an Automatic (as-you-type) one `automatic_drafts`."""
-    options, warnings = parse_options(settings, ServerOptions())
-    assert not warnings, warnings
-    return CompletionOptions(max_tokens=options.max_tokens,
-                             drafts=options.drafts if invoked else options.automatic_drafts,
-                             scope=options.scope, speculative=options.speculative, layout=options.layout)
-
-
 _NEXT_WORD = [re.compile(p) for p in (rb"\r?\n[ \t]*", rb"[ \t]*[A-Za-z0-9_]+", rb"[ \t]*[^A-Za-z0-9_ \t\n\v\f\r]+",
                                       rb"[ \t]+")]
 
@@ -207,53 +197,21 @@ class Typing:
         return INDENT + self.statement
 
 
-def _texts(completer: Completer, offset: int, options: CompletionOptions) -> list[str]:
-    return [s.text for s in completer.complete("probe", offset, options).suggestions]
-
-
-def _fresh(model: Any, text: str, offset: int, options: CompletionOptions) -> list[str]:
-    completer = Completer(model)
-    completer.open("probe", text)
-    return _texts(completer, offset, options)
-
-
-def _as_typed(model: Any, statement: str, automatic: CompletionOptions,
-              invoked: CompletionOptions) -> tuple[str, list[list[str]], list[str], list[str]]:
-    """The way the server gets there: SAMPLE opened and encoded, the new line opened (`o`), the statement
-    typed one character at a time, an as-you-type request before each character. Returns the final text,
-    the drafts before each character, and the Automatic and Invoked drafts at the end."""
-    completer = Completer(model)
-    completer.open("probe", SAMPLE)
-    while completer.refresh_step():
-        pass
-    cursor = len(SAMPLE)
-    completer.change("probe", [TextEdit(cursor, cursor, INDENT + "\n")])
-    cursor += len(INDENT)
-    before = []
-    for char in statement:
-        before.append(_texts(completer, cursor, automatic))
-        completer.change("probe", [TextEdit(cursor, cursor, char)])
-        cursor += 1
-    return completer.text("probe"), before, _texts(completer, cursor, automatic), _texts(completer, cursor, invoked)
-
-
 def _shortcoming(model: Any, statement: str, automatic: CompletionOptions,
                  invoked: CompletionOptions) -> tuple[str | None, Typing]:
-    """Why typing `statement` does not suit the tests (None: it does), and what the server answers there."""
-    text, before, drafts, invoked_drafts = _as_typed(model, statement, automatic, invoked)
-    offset = len(SAMPLE) + len(INDENT) + len(statement)
+    """Why typing `statement` does not suit the tests (None: it does), and what the server answers there: SAMPLE
+    opened, the new line opened (`o`), then the statement typed."""
+    cursor = len(SAMPLE) + len(INDENT)
+    completer, before = typed(model, SAMPLE, cursor, statement, automatic,
+                              first=TextEdit(len(SAMPLE), len(SAMPLE), INDENT + "\n"))
+    text, offset = completer.text("probe"), cursor + len(statement)
     assert text == SAMPLE + INDENT + statement + "\n" and text[offset] == "\n"
+    drafts, invoked_drafts = suggestion_texts(completer, offset, automatic), suggestion_texts(completer, offset, invoked)
     to_type = Typing(statement, text, drafts, invoked_drafts)
-    # The same answers opened fresh (other batch shapes) and decoded greedily (not speculatively): on a
-    # near-tie between two tokens, rounding could pick either, and the server's path differs in such details.
-    if (_fresh(model, text, offset, automatic) != drafts
-            or _fresh(model, text, offset, replace(automatic, speculative=False)) != drafts
-            or _fresh(model, text, offset, invoked) != invoked_drafts):
+    if near_tie(model, text, offset, [(automatic, drafts), (invoked, invoked_drafts)]):
         return "its drafts change with how they are computed (a near-tie)", to_type
-    for typed, earlier in enumerate(before):
-        if any(draft.startswith(statement[typed:]) for draft in earlier):
-            # the server (and the plugin) would keep showing the rest of that earlier draft instead
-            return f"a draft before {statement[typed:]!r} was typed already starts with it", to_type
+    if (reason := runs_through(statement, before)) is not None:
+        return reason, to_type
     if not drafts:
         return "no draft", to_type
     best = drafts[0]
@@ -277,14 +235,8 @@ def to_type(tiny_model: Any) -> Typing:
     best draft with a non-blank first line, printable, with a first word and more after it; at least two
     Invoked drafts, the second one different from the shown one; no earlier draft that typing runs through."""
     automatic, invoked = request_options(SETTINGS, invoked=False), request_options(SETTINGS, invoked=True)
-    reasons = []
-    for statement in CANDIDATES:
-        reason, found = _shortcoming(tiny_model, statement, automatic, invoked)
-        if reason is None:
-            return found
-        reasons.append(f"  {statement!r}: {reason}")
-    raise AssertionError("on this machine no candidate statement gets drafts from the tiny model that the Neovim "
-                         "tests can use; add candidates to CANDIDATES:\n" + "\n".join(reasons))
+    return first_suitable(CANDIDATES, lambda statement: _shortcoming(tiny_model, statement, automatic, invoked),
+                          "the Neovim tests")
 
 
 def start_typing(editor: Editor, to_type: Typing) -> str:

@@ -20,15 +20,14 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions
-from lsp_server.options import ServerOptions, parse_options
+from lsp_server.completer import CompletionOptions
+from tests.typing_probe import first_suitable, near_tie, request_options, runs_through, suggestion_texts, typed
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = REPO / "editor-clients"
@@ -115,63 +114,30 @@ class Typing:
     draft: str
 
 
-def automatic_options(settings: dict[str, Any]) -> CompletionOptions:
-    """The CompletionOptions that lsp_server/server.py (`_suggest`) builds for an as-you-type (Automatic)
-    request under these settings: `automatic_drafts` drafts (VS Code asks while typing)."""
-    options, warnings = parse_options(settings, ServerOptions())
-    assert not warnings, warnings
-    return CompletionOptions(max_tokens=options.max_tokens, drafts=options.automatic_drafts, scope=options.scope,
-                             speculative=options.speculative, layout=options.layout)
-
-
-def _drafts(completer: Completer, offset: int, options: CompletionOptions) -> list[str]:
-    return [s.text for s in completer.complete("probe", offset, options).suggestions]
-
-
-def _shortcoming(model: Any, typed: str, options: CompletionOptions) -> tuple[str | None, list[str]]:
-    """Why typing `typed` at the end of SAMPLE does not suit the test (None: it does), and the drafts there."""
-    completer = Completer(model)  # as the server gets there: SAMPLE opened and encoded, then one key at a time
-    completer.open("probe", SAMPLE)
-    while completer.refresh_step():
-        pass
-    before = []
-    for done, char in enumerate(typed):
-        before.append(_drafts(completer, len(SAMPLE) + done, options))  # VS Code may ask after any keystroke
-        completer.change("probe", [TextEdit(len(SAMPLE) + done, len(SAMPLE) + done, char)])
-    text = SAMPLE + typed
+def _shortcoming(model: Any, keys: str, options: CompletionOptions) -> tuple[str | None, Typing]:
+    """Why typing `keys` at the end of SAMPLE does not suit the test (None: it does), and the best draft there."""
+    completer, before = typed(model, SAMPLE, len(SAMPLE), keys, options)
+    text = SAMPLE + keys
     assert completer.text("probe") == text
-    drafts = _drafts(completer, len(text), options)
-    fresh = Completer(model)
-    fresh.open("probe", text)
-    # The same drafts from a fresh encode (other batch shapes) and from greedy decoding: on a near-tie between
-    # two tokens, rounding could pick either, and the server's path differs in such details.
-    if _drafts(fresh, len(text), options) != drafts or \
-            _drafts(fresh, len(text), replace(options, speculative=False)) != drafts:
-        return "its drafts change with how they are computed (a near-tie)", drafts
-    for done, earlier in enumerate(before):
-        if any(draft.startswith(typed[done:]) for draft in earlier):
-            # the server and VS Code would keep showing the rest of that earlier draft instead
-            return f"a draft before {typed[done:]!r} was typed already starts with it", drafts
+    drafts = suggestion_texts(completer, len(text), options)
+    found = Typing(keys, drafts[0] if drafts else "")
+    if near_tie(model, text, len(text), [(options, drafts)]):
+        return "its drafts change with how they are computed (a near-tie)", found
+    if (reason := runs_through(keys, before)) is not None:
+        return reason, found
     if not drafts or not drafts[0].strip():
-        return f"the drafts {drafts!r} have no non-blank best one", drafts
+        return f"the drafts {drafts!r} have no non-blank best one", found
     if not all(c.isprintable() for c in drafts[0]):
-        return f"the draft {drafts[0]!r} has characters VS Code draws otherwise (control characters, tabs)", drafts
-    return None, drafts
+        return f"the draft {drafts[0]!r} has characters VS Code draws otherwise (control characters, tabs)", found
+    return None, found
 
 
 @pytest.fixture(scope="module")
 def to_type(tiny_model: Any) -> Typing:
     """The first of CANDIDATES on which, on this machine, the server's best draft is non-blank and printable,
     and no draft from before the last keystroke already starts with the rest of what is typed."""
-    options = automatic_options(SETTINGS)
-    reasons = []
-    for typed in CANDIDATES:
-        reason, drafts = _shortcoming(tiny_model, typed, options)
-        if reason is None:
-            return Typing(typed, drafts[0])
-        reasons.append(f"  {typed!r}: {reason}")
-    raise AssertionError("on this machine no candidate gets a draft from the tiny model that the VS Code test can "
-                         "use; add candidates to CANDIDATES:\n" + "\n".join(reasons))
+    options = request_options(SETTINGS, invoked=False)  # VS Code asks as you type
+    return first_suitable(CANDIDATES, lambda keys: _shortcoming(tiny_model, keys, options), "the VS Code test")
 
 
 def test_vsix_installs_and_tab_accepts_the_ghost_text(vsix: Path, tmp_path: Path, tiny_gguf: Path,
