@@ -27,20 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import machine_info, peak_rss_mb
-from bench.fim import lines_to_type, open_after
+from bench.fim import URI, lines_to_type, open_after
 from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
-from inference.drafting import Recycler
 from inference.fetch import cache_root
-from inference.generate import GenerationResult, greedy_complete
-from inference.healing import TokenHealer
 from inference.model_store import LoadedModel, load_model
 from inference.ngram import NgramModel
-from inference.prompt import Prompt
 from inference.registry import DEFAULT_MODEL
-from inference.speculative import speculative_complete
-from inference.superposed import batched_complete, superposed_complete
-from inference.syntax import SyntaxStop, finish, repeated_suffix
-from kv_cache.document import CursorContext
+from inference.syntax.finish import repeated_suffix
+from lsp_server.completer import Completer, CompletionOptions, CompletionOutcome
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "decode.json"
 LINE_TOKENS = 24
@@ -64,56 +58,49 @@ def brackets_balanced(line: str) -> bool:
 
 
 class DecodeRunner:
-    """All decoders on one cursor context; shares the healer, the recycler and the n-gram model."""
+    """Every decoder at one cursor, through the editor's pipeline (the Completer) with its options forced."""
 
     def __init__(self, model: LoadedModel, k: int, ngram: NgramModel) -> None:
         self.model, self.k, self.ngram = model, k, ngram
-        self.healer = TokenHealer(model.tokenizer.token_bytes(), model.tokenizer.specials.stop)
-        self.recycler = Recycler(model.config.vocab_size)
 
-    def _timed(self, decode, ctx: CursorContext, **kwargs: Any) -> tuple[GenerationResult, float]:
-        t0 = time.perf_counter()
-        result = decode(self.model.decoder, self.model.tokenizer, Prompt(ctx.tail, ctx.healed), rows=ctx.rows,
-                        position=ctx.position, healer=self.healer, **kwargs)
-        return result, time.perf_counter() - t0
+    def _timed(self, completer: Completer, cursor: int, method: str, **options: Any) -> CompletionOutcome:
+        completer.draft_method = method
+        return completer.complete(URI, cursor, CompletionOptions(layout="prefix", **options))
 
-    def target(self, ctx: CursorContext, corpus: list[int]) -> dict[str, Any]:
-        single = SyntaxStop(ctx.prefix, ctx.suffix, "single")
+    def target(self, completer: Completer, cursor: int) -> dict[str, Any]:
+        completer.ngram = self.ngram
         out: dict[str, Any] = {}
-        greedy, out["greedy_s"] = self._timed(greedy_complete, ctx, max_tokens=LINE_TOKENS, stop=single)
-        sup, out["superposed_s"] = self._timed(superposed_complete, ctx, k=self.k, max_tokens=LINE_TOKENS,
-                                               stop=single.fresh(), ngram=self.ngram)
-        beam, out["batched_s"] = self._timed(batched_complete, ctx, k=self.k, max_tokens=LINE_TOKENS,
-                                             stop=single.fresh())
-        out["drafts"] = {name: [finish(d.text, ctx.prefix, ctx.suffix) for d in result.drafts]
-                         for name, result in (("greedy", greedy), ("superposed", sup), ("batched", beam))}
-        multi = SyntaxStop(ctx.prefix, ctx.suffix, "multi")
-        slow, out["multi_greedy_s"] = self._timed(greedy_complete, ctx, max_tokens=MULTI_TOKENS, stop=multi)
-        fast, out["multi_speculative_s"] = self._timed(speculative_complete, ctx, max_tokens=MULTI_TOKENS,
-                                                       stop=multi.fresh(), lookup_corpus=[corpus],
-                                                       recycler=self.recycler)
-        out["multi_tokens"] = len(slow.drafts[0].token_ids)
-        out["identical"] = slow.drafts[0].token_ids == fast.drafts[0].token_ids
-        steps = fast.timings.get("tree_steps", 0.0) + fast.timings.get("single_steps", 0.0)
-        out["accepted_per_tree_step"] = (fast.timings.get("accepted_drafts", 0.0) / fast.timings["tree_steps"]
-                                         if fast.timings.get("tree_steps") else 0.0)
-        out["forwards_speculative"] = steps
-        out["multi_drafts"] = {"greedy": finish(slow.drafts[0].text, ctx.prefix, ctx.suffix)}
+        single = {"max_tokens": LINE_TOKENS, "scope": "single", "speculative": False}
+        runs = {"greedy": self._timed(completer, cursor, "batched", drafts=1, **single),
+                "superposed": self._timed(completer, cursor, "superposed", drafts=self.k, **single),
+                "batched": self._timed(completer, cursor, "batched", drafts=self.k, **single)}
+        for name, outcome in runs.items():
+            out[f"{name}_s"] = outcome.timings["total_s"]
+        out["drafts"] = {name: [s.text for s in outcome.suggestions] for name, outcome in runs.items()}
+        multi = {"max_tokens": MULTI_TOKENS, "scope": "multi", "drafts": 1}
+        slow = self._timed(completer, cursor, "batched", speculative=False, **multi)
+        fast = self._timed(completer, cursor, "batched", speculative=True, **multi)
+        out["multi_greedy_s"], out["multi_speculative_s"] = slow.timings["total_s"], fast.timings["total_s"]
+        out["multi_tokens"] = int(slow.timings["generated_tokens"])
+        out["identical"] = [s.text for s in slow.suggestions] == [s.text for s in fast.suggestions]
+        tree_steps = fast.timings.get("tree_steps", 0.0)
+        out["accepted_per_tree_step"] = fast.timings.get("accepted_drafts", 0.0) / tree_steps if tree_steps else 0.0
+        out["forwards_speculative"] = tree_steps + fast.timings.get("single_steps", 0.0)
+        out["multi_drafts"] = {"greedy": slow.suggestions[0].text if slow.suggestions else ""}
         return out
 
 
 def bench_record(runner: DecodeRunner, record: dict[str, Any]) -> dict[str, Any]:
-    doc = open_after(runner.model, record)
+    completer = open_after(runner.model, record)
+    doc = completer.docs[URI]
     targets = []
-    for line in lines_to_type(doc, record):
-        runner.ngram.add_document("buffer", doc.ids)
-        ctx = doc.context(line.cursor, with_suffix=False)
-        result = runner.target(ctx, list(doc.ids))
-        runner.ngram.remove_document("buffer")
-        line_prefix = ctx.prefix[ctx.prefix.rfind("\n") + 1:]
-        line_suffix = ctx.suffix.split("\n", 1)[0]
+    for line in lines_to_type(completer, record):
+        result = runner.target(completer, line.cursor)
+        prefix, suffix = doc.text[:line.cursor], doc.text[line.cursor:]
+        line_prefix = prefix[prefix.rfind("\n") + 1:]
+        line_suffix = suffix.split("\n", 1)[0]
         finals = [*(d for drafts in result["drafts"].values() for d in drafts), *result["multi_drafts"].values()]
-        result["suffix_duplications"] = sum(bool(repeated_suffix(d, ctx.prefix, ctx.suffix)) for d in finals)
+        result["suffix_duplications"] = sum(bool(repeated_suffix(d, prefix, suffix)) for d in finals)
         result["unbalanced"] = (sum(not brackets_balanced(line_prefix + d.split("\n", 1)[0] + line_suffix)
                                     for drafts in result["drafts"].values() for d in drafts)
                                 if brackets_balanced(line.target["text"]) else 0)

@@ -1,11 +1,14 @@
-"""Engine benchmark: speed, memory and quality of the default quantization against the fp32 baseline.
+"""Engine benchmark: speed, memory and quality of quantizations (the default one unless told) against fp32.
 
-Each quantization is first prepared (fetched, converted) in one subprocess (`--prepare QUANT`), then
-measured in another (`--one QUANT`), so peak RSS is per model and free of the converter's, and a crash or
-an out-of-memory kill stays contained. The parent prints a markdown table and writes a JSON summary. Machines
-are noisy: compare only ratios against the baseline measured in the same run.
+Decode is timed after 256, 1k and 2k cached rows held in preallocated buffers that each step reads as views and
+writes in place, so a step's cost grows with the past only through attention. Each quantization is first
+prepared (fetched, converted) in one subprocess (`--prepare QUANT`), then measured in another (`--one QUANT`),
+so peak RSS is per model and free of the converter's, and a crash or an out-of-memory kill stays contained.
+The parent prints a markdown table and writes a JSON summary. Machines are noisy: compare only ratios against
+the baseline measured in the same run (`other_processes_cores` says how busy the machine was meanwhile).
 
-    python -m bench.engine [--json OUT] [--model M] [--cache DIR] [--quick] [--speed-sources F ...] [--quality-source F]
+    python -m bench.engine [--json OUT] [--model M] [--cache DIR] [--quick] [--quantizations Q ...] [--rounds N]
+                           [--profile] [--speed-sources F ...] [--quality-source F]
 """
 
 from __future__ import annotations
@@ -19,27 +22,65 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
-from inference.generate import KVRows, prefill
+from inference.config import ModelConfig
+from inference.graph import LM_HEAD
 from inference.model_store import LoadedModel, load_model, prepare_model
-from inference.quantize import DEFAULT_QUANTIZATION
+from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
-from inference.runtime import Decoder, causal_bias
+from inference.runtime import Decoder, StepOutput, causal_bias
 
 BASELINE = "fp32"
 DEFAULT_JSON = Path(__file__).parent / "results" / "engine.json"
 SPEED_SOURCES = ("difflib.py", "textwrap.py", "heapq.py")  # real code, same on every machine with this Python
 QUALITY_SOURCE = "argparse.py"
 PREFILL_SIZES, QUICK_PREFILL_SIZES = (256, 1024, 2048), (256,)
-PAST = 1024  # decode and verification run against this many cached tokens
+DECODE_PASTS, QUICK_DECODE_PASTS = (256, 1024, 2048), (256, 1024)  # decode runs against this many cached rows
+PAST = 1024  # verification runs against this many cached rows; `decode_tok_s` is the decode figure at it
 VERIFY_SIZES = (1, 4, 8, 16)
+PREFILL_CHUNK = 512  # as the decoders prefill
 QUALITY_CHUNK = 256  # logits for every position are [chunk, vocab]: bound that memory
+PROFILE_STEPS, PROFILE_WARMUP = 24, 3
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the graph's weight MatMuls per layer (inference/graph.py)
+ATTENTION_OPS = {"FusedMatMul": "attention: scores q k^T", "MatMul": "attention: probs @ V",
+                 "Softmax": "attention: softmax"}  # what is left of these ops once the weight MatMuls are named
+
+
+class Rows:
+    """Preallocated per-layer key/value buffers [kv, capacity, hd], used the way a decode cache uses them: each
+    forward's past is the row slice `buf[:, :length]` (a view) and its new rows are written in place, so what is
+    timed is the engine and not a cache's copies."""
+
+    def __init__(self, config: ModelConfig, capacity: int) -> None:
+        shape = (config.n_kv_heads, capacity, config.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(config.n_layers)]
+        self.length = 0
+
+    def forward(self, decoder: Decoder, ids: np.ndarray, *, bias: np.ndarray | None = None,
+                logits_index: np.ndarray | None = None, write: bool = True) -> StepOutput:
+        """`ids` [S] at positions length.., after rows [0, length); `write` appends their rows."""
+        n, seq = self.length, len(ids)
+        out = decoder.forward(ids, np.arange(n, n + seq), [k[:, :n] for k in self.keys],
+                              [v[:, :n] for v in self.values], bias=bias, logits_index=logits_index)
+        if write:
+            for buf, new in zip(self.keys + self.values, out.keys + out.values):
+                buf[:, n:n + seq] = new
+            self.length += seq
+        return out
+
+
+def prefill(decoder: Decoder, rows: Rows, ids: Sequence[int]) -> None:
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        rows.forward(decoder, np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int64))
 
 
 def stdlib_paths(*names: str) -> list[Path]:
@@ -57,49 +98,55 @@ def code_tokens(model: LoadedModel, paths: Sequence[Path], count: int) -> list[i
     return ids[:count]
 
 
-def measure_prefill(decoder: Decoder, ids: list[int], sizes: tuple[int, ...]) -> dict[str, float]:
-    """Prompt tokens per second of one `prefill` call per size, after a short warm-up prompt."""
-    prefill(decoder, ids[:32])
+def measure_prefill(model: LoadedModel, ids: list[int], sizes: tuple[int, ...]) -> dict[str, float]:
+    """Prompt tokens per second of one prefill per size (chunks of PREFILL_CHUNK), after a short warm-up."""
+    prefill(model.decoder, Rows(model.config, 32), ids[:32])
     result = {}
     for size in sizes:
+        rows = Rows(model.config, size)
         t0 = time.perf_counter()
-        prefill(decoder, ids[:size])
+        prefill(model.decoder, rows, ids[:size])
         result[f"prefill_tok_s_{size}"] = size / (time.perf_counter() - t0)
     return result
 
 
-def measure_decode(decoder: Decoder, rows: KVRows, next_ids: list[int]) -> dict[str, float]:
-    """Median single-token forward at ~PAST cached tokens, appending rows as a real decode loop does.
+def measure_decode(decoder: Decoder, rows: Rows, pasts: Sequence[int], next_ids: list[int]) -> dict[str, float]:
+    """Median single-token step (forward + in-place row write) after each number of cached rows.
 
-    Only the forward is timed: how rows are stored is the KV cache's business, not the engine's.
-    """
-    rows = KVRows(list(rows.keys), list(rows.values))  # appending replaces the lists' arrays, never mutates
-    times = []
-    for token in next_ids:
-        t0 = time.perf_counter()
-        out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
-        times.append(time.perf_counter() - t0)
-        rows.append(out.keys, out.values)
-    step = statistics.median(times)
-    return {"decode_ms": step * 1e3, "decode_tok_s": 1.0 / step, "decode_steps": len(times)}
+    `rows` holds at least max(pasts) rows of real code. The rows [0, P) of a longer prefill are those of a
+    prefill of P tokens (causal attention), so each past truncates to P; the longest goes first, so the rows a
+    step overwrites are never read by a later one."""
+    ms: dict[int, float] = {}
+    for past in sorted(pasts, reverse=True):
+        rows.length = past
+        times = []
+        for token in next_ids:
+            t0 = time.perf_counter()
+            rows.forward(decoder, np.array([token]))
+            times.append(time.perf_counter() - t0)
+        ms[past] = statistics.median(times[1:]) * 1e3  # the first step after a truncation warms caches
+    result: dict[str, float] = {"decode_tok_s": 1e3 / ms[PAST]}
+    for past in sorted(pasts):
+        result[f"decode_tok_s_{past}"] = 1e3 / ms[past]
+        result[f"decode_ms_{past}"] = ms[past]
+    # what each cached row adds to a step: attention (and its Concat) only, when nothing else copies the past
+    result["decode_us_per_row"] = (ms[max(pasts)] - ms[min(pasts)]) * 1e3 / (max(pasts) - min(pasts))
+    result["decode_steps"] = len(next_ids) - 1
+    return result
 
 
-def measure_verify(decoder: Decoder, rows: KVRows, draft: list[int], runs: int) -> dict[str, float]:
-    """Cost of checking k drafted tokens in ONE forward (logits at every position), relative to k = 1.
-
-    This is what speculative decoding pays per step; a flat curve means drafts are nearly free to verify.
-    """
+def measure_verify(decoder: Decoder, rows: Rows, draft: list[int], runs: int) -> dict[str, float]:
+    """Cost of checking k drafted tokens in ONE forward (logits at every position) after PAST rows, relative to
+    k = 1. This is what speculative decoding pays per step; a flat curve means drafts are nearly free to verify."""
+    rows.length = PAST
     result: dict[str, float] = {}
     for k in VERIFY_SIZES:
-        ids = np.asarray(draft[:k])
-        positions = np.arange(rows.length, rows.length + k)
-        bias = causal_bias(rows.length, k)
-        index = np.arange(k)
-        decoder.forward(ids, positions, rows.keys, rows.values, bias=bias, logits_index=index)  # warm-up
+        ids, bias, index = np.asarray(draft[:k]), causal_bias(PAST, k), np.arange(k)
+        rows.forward(decoder, ids, bias=bias, logits_index=index, write=False)  # warm-up
         times = []
         for _ in range(runs):
             t0 = time.perf_counter()
-            decoder.forward(ids, positions, rows.keys, rows.values, bias=bias, logits_index=index)
+            rows.forward(decoder, ids, bias=bias, logits_index=index, write=False)
             times.append(time.perf_counter() - t0)
         result[f"verify{k}_ms"] = statistics.median(times) * 1e3
     for k in VERIFY_SIZES[1:]:
@@ -107,16 +154,14 @@ def measure_verify(decoder: Decoder, rows: KVRows, draft: list[int], runs: int) 
     return result
 
 
-def measure_quality(decoder: Decoder, ids: list[int]) -> dict[str, Any]:
+def measure_quality(model: LoadedModel, ids: list[int]) -> dict[str, Any]:
     """Perplexity of real code and the argmax at every position (the parent compares argmaxes across runs)."""
-    rows = KVRows(*decoder.empty_past())
+    rows = Rows(model.config, len(ids))
     nll: list[np.ndarray] = []
     argmax: list[int] = []
     for start in range(0, len(ids), QUALITY_CHUNK):
         chunk = np.asarray(ids[start:start + QUALITY_CHUNK], dtype=np.int64)
-        positions = np.arange(rows.length, rows.length + len(chunk))
-        out = decoder.forward(chunk, positions, rows.keys, rows.values, logits_index=np.arange(len(chunk)))
-        rows.append(out.keys, out.values)
+        out = rows.forward(model.decoder, chunk, logits_index=np.arange(len(chunk)))
         # NLL = log-normalizer - target logit: one [chunk, vocab] temporary where log-softmax needs several
         top = out.logits.max(axis=1)
         log_norm = top + np.log(np.exp(out.logits - top[:, None]).sum(axis=1))
@@ -125,6 +170,56 @@ def measure_quality(decoder: Decoder, ids: list[int]) -> dict[str, Any]:
         argmax.extend(int(i) for i in out.logits.argmax(axis=1))
     mean_nll = float(np.concatenate(nll).astype(np.float64).mean())
     return {"perplexity": math.exp(mean_nll), "quality_tokens": len(ids), "argmax": argmax}
+
+
+def op_kind(node: str, op: str, past_concats: set[str]) -> str:
+    """What a node of the optimized graph does, for the profile: the weight matmuls by projection, attention's
+    parts, and the rest. The quantizer names a node `qkv_12_Q8` after the MatMul `qkv_12` it replaces."""
+    if node.startswith(LM_HEAD):
+        return "lm_head"
+    base, _, count = node.rsplit("_Q", 1)[0].rpartition("_")
+    if base in PROJECTIONS and count.isdigit():
+        return f"matmul {base}"
+    if node in past_concats:
+        return "attention: Concat(past, new)"
+    return ATTENTION_OPS.get(op, "other ops")
+
+
+def profile_decode(model: LoadedModel, rows: Rows, next_ids: list[int]) -> dict[str, float]:
+    """Mean ms per decode step after PAST rows by kind of work, from ONNX Runtime's per-op trace.
+
+    It runs in a session of its own, because tracing slows every op a little: these are shares of a step, the
+    decode figures are measured without it. `between kernels` is the executor's own time (and the tracer's)."""
+    graph = onnx.load(str(model.decoder.model_path), load_external_data=False).graph
+    past_concats = {n.name for n in graph.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)}
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder = Decoder(model.decoder.model_path, model.config, profile_prefix=str(Path(tmp) / "decode"))
+        rows.length = PAST
+        for token in next_ids[:PROFILE_WARMUP + PROFILE_STEPS]:
+            rows.forward(decoder, np.array([token]), write=False)
+        events = json.loads(Path(decoder.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][PROFILE_WARMUP:]
+    start = runs[0]["ts"]
+    ms: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            kind = op_kind(e["name"][:-len("_kernel_time")], e["args"]["op_name"], past_concats)
+            ms[kind] = ms.get(kind, 0.0) + e["dur"] / 1e3 / len(runs)
+    ms = dict(sorted(ms.items(), key=lambda item: -item[1]))
+    ms["between kernels"] = sum(r["dur"] for r in runs) / 1e3 / len(runs) - sum(ms.values())
+    ms["step (traced)"] = sum(r["dur"] for r in runs) / 1e3 / len(runs)
+    return ms
+
+
+def busy_cpu_s() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this one has) from /proc/stat, or None off Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 def peak_rss_mb() -> float:
@@ -142,7 +237,8 @@ def bench_prepare(model_name: str, quantization: str, *, cache: Path | None) -> 
 
 
 def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: bool,
-              speed_sources: Sequence[Path] | None = None, quality_source: Path | None = None) -> dict[str, Any]:
+              speed_sources: Sequence[Path] | None = None, quality_source: Path | None = None,
+              profile: bool = False) -> dict[str, Any]:
     """Every measurement for one prepared quantization; runs inside the `--one` subprocess.
 
     The code measured defaults to SPEED_SOURCES and QUALITY_SOURCE of this Python's standard library.
@@ -150,11 +246,14 @@ def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: 
     """
     model = load_model(model_name, quantization, cache=cache, progress=False)
     decoder = model.decoder
+    busy_at_start, started = busy_cpu_s(), time.perf_counter()
     sizes = QUICK_PREFILL_SIZES if quick else PREFILL_SIZES
-    decode_steps, verify_runs = (16, 5) if quick else (32, 9)
+    pasts = QUICK_DECODE_PASTS if quick else DECODE_PASTS
+    decode_steps, verify_runs = (9, 5) if quick else (33, 9)
     speed_sources = speed_sources or stdlib_paths(*SPEED_SOURCES)
     quality_source = quality_source or stdlib_paths(QUALITY_SOURCE)[0]
-    ids = code_tokens(model, speed_sources, max(max(sizes), PAST + max(decode_steps, max(VERIFY_SIZES))))
+    longest = max(max(sizes), max(pasts))
+    ids = code_tokens(model, speed_sources, longest + max(decode_steps, max(VERIFY_SIZES)))
     result: dict[str, Any] = {
         "quantization": quantization,
         "threads": decoder.session.get_session_options().intra_op_num_threads,
@@ -163,14 +262,20 @@ def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: 
         "speed_sources": [str(path) for path in speed_sources],  # figures compare only on the same code
         "quality_source": str(quality_source),
     }
-    result.update(measure_prefill(decoder, ids, sizes))
-    rows, _ = prefill(decoder, ids[:PAST])
-    result["past_tokens"] = rows.length
-    result.update(measure_decode(decoder, rows, ids[PAST:PAST + decode_steps]))
-    result.update(measure_verify(decoder, rows, ids[PAST:], verify_runs))
+    result.update(measure_prefill(model, ids, sizes))
+    rows = Rows(model.config, longest + decode_steps)
+    prefill(decoder, rows, ids[:max(pasts)])
+    result.update(measure_verify(decoder, rows, ids[PAST:], verify_runs))  # writes nothing: first
+    result.update(measure_decode(decoder, rows, pasts, ids[max(pasts):max(pasts) + decode_steps]))
     result["peak_rss_mb"] = peak_rss_mb()
-    result.update(measure_quality(decoder, code_tokens(model, [quality_source], 256 if quick else 1024)))
+    result.update(measure_quality(model, code_tokens(model, [quality_source], 256 if quick else 1024)))
     result["quality_peak_rss_mb"] = peak_rss_mb()
+    busy_at_end = busy_cpu_s()
+    if busy_at_start and busy_at_end:  # a shared machine: how many cores others took while this ran
+        others = (busy_at_end[0] - busy_at_start[0]) - (busy_at_end[1] - busy_at_start[1])
+        result["other_processes_cores"] = max(others, 0.0) / (time.perf_counter() - started)
+    if profile:
+        result["decode_profile_ms"] = profile_decode(model, rows, ids[PAST:])
     return result
 
 
@@ -194,18 +299,27 @@ def run_child(mode: str, model: str, quantization: str, *, cache: Path | None, q
 
 
 def bench_quantization(model: str, quantization: str, *, cache: Path | None, quick: bool,
-                       sources: Sequence[str] = ()) -> dict[str, Any]:
-    """Preparation, then measurements (of the code `sources` names, see source_args), each in its own process."""
+                       extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Preparation, then measurements (`extra`: options for `--one`, see source_args), each in its own process."""
     prepared = run_child("--prepare", model, quantization, cache=cache, quick=quick)
-    return {**prepared, **run_child("--one", model, quantization, cache=cache, quick=quick, extra=sources)}
+    return {**prepared, **run_child("--one", model, quantization, cache=cache, quick=quick, extra=extra)}
 
 
-def compare_quality(default: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds: the median of each number, the first round's everything else."""
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(run[key] for run in runs)
+    return merged
+
+
+def compare_quality(quantized: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
     """How often the quantized model's next-token choice matches fp32, and how much likelier code surprises it."""
-    ours, theirs = np.asarray(default.pop("argmax")), np.asarray(baseline.pop("argmax"))
+    ours, theirs = np.asarray(quantized["argmax"]), np.asarray(baseline["argmax"])
     return {
         "top1_agreement": float((ours == theirs).mean()),
-        "perplexity_ratio": default["perplexity"] / baseline["perplexity"],
+        "perplexity_ratio": quantized["perplexity"] / baseline["perplexity"],
         "tokens": len(ours),
     }
 
@@ -235,21 +349,37 @@ def machine_info() -> dict[str, Any]:
 
 def table_rows(baseline: dict[str, Any]) -> list[str]:
     """The numeric metrics, in the order measured."""
-    skip = {"threads", "past_tokens", "decode_steps", "quality_tokens"}
+    skip = {"threads", "decode_steps", "quality_tokens", "decode_tok_s"}  # decode_tok_s: decode_tok_s_1024
     return [k for k, v in baseline.items() if isinstance(v, (int, float)) and k not in skip]
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    baseline, default = summary["fp32"], summary["default"]
-    name = summary["quantization_default"]
-    lines = [f"| metric | {BASELINE} | {name} | {name}/{BASELINE} |", "|---|---:|---:|---:|"]
+    """One column per quantization and its ratio to the baseline measured in the same run."""
+    runs = summary["runs"]
+    baseline, others = runs[BASELINE], [name for name in runs if name != BASELINE]
+    lines = ["| metric | " + " | ".join([BASELINE] + [f"{n} | {n}/{BASELINE}" for n in others]) + " |",
+             "|---|---:|" + "---:|---:|" * len(others)]
     for key in table_rows(baseline):
-        a, b = baseline[key], default[key]
-        ratio = f"{b / a:.2f}" if a else "-"
-        lines.append(f"| {key} | {a:.2f} | {b:.2f} | {ratio} |")
+        a = baseline[key]
+        cells = [f"{a:.2f}"] + [f"{runs[n][key]:.2f} | {runs[n][key] / a:.2f}" if a else f"{runs[n][key]:.2f} | -"
+                                for n in others]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     quality = summary["quality"]
-    lines.append(f"| top1_agreement ({quality['tokens']} tokens) | | | {quality['top1_agreement']:.3f} |")
-    lines.append(f"| perplexity_ratio | | | {quality['perplexity_ratio']:.3f} |")
+    tokens = next(iter(quality.values()))["tokens"] if quality else 0
+    for metric, label in (("top1_agreement", f"top1_agreement ({tokens} tokens)"),
+                          ("perplexity_ratio", "perplexity_ratio")):
+        lines.append(f"| {label} | | " + " | ".join(f" | {quality[n][metric]:.3f}" for n in others) + " |")
+    return "\n".join(lines)
+
+
+def format_profile(runs: dict[str, dict[str, Any]]) -> str:
+    """ms per traced decode step after PAST rows, by kind of work, one column per quantization."""
+    kinds = list(dict.fromkeys(kind for run in runs.values() for kind in run["decode_profile_ms"]))
+    lines = [f"| decode step after {PAST} rows, traced (ms) | " + " | ".join(runs) + " |",
+             "|---|" + "---:|" * len(runs)]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(f"{run['decode_profile_ms'].get(kind, 0.0):.2f}"
+                                                for run in runs.values()) + " |")
     return "\n".join(lines)
 
 
@@ -263,26 +393,38 @@ def write_json(summary: dict[str, Any], path: Path) -> None:
 
 def run_engine_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, cache: Path | None = None,
                      quick: bool = False, speed_sources: Sequence[Path] | None = None,
-                     quality_source: Path | None = None) -> dict[str, Any]:
-    """Measure fp32 then the default quantization, print the table, write the JSON; returns the summary.
+                     quality_source: Path | None = None, quantizations: Sequence[str] = (DEFAULT_QUANTIZATION,),
+                     rounds: int = 1, profile: bool = False) -> dict[str, Any]:
+    """Measure fp32 and each of `quantizations`, print the table, write the JSON; returns the summary.
 
-    `speed_sources` (timed) and `quality_source` (perplexity) are the code measured; by default, this Python's
-    standard library files SPEED_SOURCES and QUALITY_SOURCE (tests pass fixed files: every machine, same text).
+    Each round measures every quantization once, in turn, so that a noisy machine disturbs them alike; the
+    figures are medians over rounds. `speed_sources` (timed) and `quality_source` (perplexity) are the code
+    measured; by default, this Python's standard library files SPEED_SOURCES and QUALITY_SOURCE (tests pass
+    fixed files: every machine, same text). `profile` adds a traced decode step's time by kind of work.
     """
-    sources = source_args(speed_sources, quality_source)
-    baseline = bench_quantization(model, BASELINE, cache=cache, quick=quick, sources=sources)
-    default = bench_quantization(model, DEFAULT_QUANTIZATION, cache=cache, quick=quick, sources=sources)
+    extra = source_args(speed_sources, quality_source) + (["--profile"] if profile else [])
+    names = [BASELINE] + [q for q in quantizations if q != BASELINE]
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            measured[name].append(bench_quantization(model, name, cache=cache, quick=quick, extra=extra))
+    runs = {name: median_run(results) for name, results in measured.items()}
+    quality = {name: compare_quality(runs[name], runs[BASELINE]) for name in names[1:]}
+    for run in runs.values():
+        run.pop("argmax")  # per-position data stays out of the summary
     summary = {
         "model": model,
         "quantization_default": DEFAULT_QUANTIZATION,
         "quick": quick,
+        "rounds": rounds,
         "machine": machine_info(),
-        "quality": compare_quality(default, baseline),
-        "fp32": baseline,
-        "default": default,
+        "quality": quality,
+        "runs": runs,
     }
-    print(f"engine benchmark: {model}, {BASELINE} vs {DEFAULT_QUANTIZATION}{' (quick)' if quick else ''}")
+    print(f"engine benchmark: {model}, {' vs '.join(names)}, {rounds} round(s){' (quick)' if quick else ''}")
     print(format_table(summary))
+    if profile:
+        print(format_profile(runs))
     path = json_out or DEFAULT_JSON
     write_json(summary, path)
     print(f"wrote {path}")
@@ -299,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"code to time (default: the standard library's {', '.join(SPEED_SOURCES)})")
     parser.add_argument("--quality-source", type=Path, metavar="FILE",
                         help=f"code to measure perplexity on (default: the standard library's {QUALITY_SOURCE})")
+    parser.add_argument("--quantizations", nargs="+", default=[DEFAULT_QUANTIZATION], choices=sorted(QUANTIZATIONS),
+                        help=f"measured against {BASELINE} (default: {DEFAULT_QUANTIZATION})")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds over all quantizations; figures are medians")
+    parser.add_argument("--profile", action="store_true", help="also trace a decode step: time by kind of op")
     internal = parser.add_mutually_exclusive_group()
     internal.add_argument("--prepare", metavar="QUANT", help="internal: fetch and convert one quantization")
     internal.add_argument("--one", metavar="QUANT", help="internal: measure one quantization, print its JSON")
@@ -307,10 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(bench_prepare(args.model, args.prepare, cache=args.cache)))
     elif args.one:
         print(json.dumps(bench_one(args.model, args.one, cache=args.cache, quick=args.quick,
-                                   speed_sources=args.speed_sources, quality_source=args.quality_source)))
+                                   speed_sources=args.speed_sources, quality_source=args.quality_source,
+                                   profile=args.profile)))
     else:
         run_engine_bench(args.model, json_out=args.json_out, cache=args.cache, quick=args.quick,
-                         speed_sources=args.speed_sources, quality_source=args.quality_source)
+                         speed_sources=args.speed_sources, quality_source=args.quality_source,
+                         quantizations=args.quantizations, rounds=args.rounds, profile=args.profile)
     return 0
 
 

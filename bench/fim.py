@@ -24,64 +24,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bench.engine import machine_info, peak_rss_mb
 from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
-from inference.generate import KVRows, greedy_complete
-from inference.healing import TokenHealer
+from inference.generate import DecodeRequest, greedy_decode, prefill, vocabulary
 from inference.model_store import LoadedModel, load_model
-from inference.prompt import Prompt
 from inference.registry import DEFAULT_MODEL
-from kv_cache.document import CursorContext, DocumentCache
+from inference.syntax.finish import finish
+from inference.syntax.stop import SyntaxStop
 from kv_cache.edits import TextEdit
-from kv_cache.store import BufferStore
+from lsp_server.completer import Completer, CompletionOptions
 
 LAYOUTS = ("borrowed", "fresh", "prefix")
 DEFAULT_JSON = Path(__file__).parent / "results" / "fim.json"
 MAX_TOKENS = 24
-
-
-def first_rows(rows: KVRows, n: int) -> KVRows:
-    return KVRows([k[:, :n] for k in rows.keys], [v[:, :n] for v in rows.values])
+URI = "file:///bench.py"
 
 
 class LayoutPredictor:
-    """The three prompts of one cursor context, each decoded greedily to the end of the line."""
+    """The three prompts of one cursor, each decoded greedily to the end of the line: `borrowed` and `prefix`
+    are the editor's pipeline (the Completer) with the layout forced, `fresh` the reference prompt."""
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.healer = TokenHealer(model.tokenizer.token_bytes(), model.tokenizer.specials.stop)
 
-    def decode(self, rows: KVRows, tail: list[int], position: int, healed: bytes) -> str:
-        result = greedy_complete(self.model.decoder, self.model.tokenizer, Prompt(tail, healed),
-                                 max_tokens=MAX_TOKENS, healer=self.healer, rows=rows, position=position)
-        return result.drafts[0].text
+    def suggest(self, completer: Completer, cursor: int, layout: str) -> str:
+        options = CompletionOptions(max_tokens=MAX_TOKENS, drafts=1, scope="single", speculative=False,
+                                    layout=layout)
+        suggestions = completer.complete(URI, cursor, options).suggestions
+        return suggestions[0].text if suggestions else ""
 
-    def fresh_suffix(self, ctx: CursorContext, suffix_tokens: int) -> tuple[KVRows, int, float]:
-        """The prefix rows plus `<|fim_suffix|>` and the suffix encoded now: (rows, next position, seconds)."""
+    def fresh(self, completer: Completer, cursor: int) -> tuple[str, float]:
+        """The prefix rows, then `<|fim_suffix|>` and the suffix encoded now: (suggestion, prompt seconds)."""
         t0 = time.perf_counter()
-        sp = self.model.tokenizer.specials
-        ids = [sp.fim_suffix, *self.model.tokenizer.encode(ctx.suffix)[:suffix_tokens]]
-        rows = first_rows(ctx.rows, ctx.prefix_rows)
-        out = self.model.decoder.forward(np.asarray(ids), np.arange(ctx.prefix_rows, ctx.prefix_rows + len(ids)),
-                                         rows.keys, rows.values)
-        rows.append(out.keys, out.values)
-        return rows, ctx.prefix_rows + len(ids), time.perf_counter() - t0
+        tok, decoder = self.model.tokenizer, self.model.decoder
+        ctx = completer.docs[URI].context(cursor, with_suffix=False, room=MAX_TOKENS + 512)
+        suffix = tok.encode(ctx.suffix)[:completer.docs[URI].budget.suffix]
+        logits = prefill(decoder, ctx.cache, [tok.specials.fim_suffix, *suffix, tok.specials.fim_middle])
+        prompt_s = time.perf_counter() - t0
+        request = DecodeRequest(MAX_TOKENS, completer_stop(ctx.prefix, ctx.suffix), ctx.healed)
+        result = greedy_decode(decoder, vocabulary(tok), ctx.cache, logits, request)
+        return finish(result.drafts[0].text, ctx.prefix, ctx.suffix), prompt_s
 
-    def predict(self, doc: DocumentCache, cursor: int) -> tuple[dict[str, str], dict[str, float]]:
-        t0 = time.perf_counter()
-        ctx = doc.context(cursor)
-        borrowed_s = time.perf_counter() - t0
-        fresh_rows, fresh_position, fresh_s = self.fresh_suffix(ctx, doc.budget.suffix)
-        sp = self.model.tokenizer.specials
-        plain = doc.context(cursor, with_suffix=False)
-        predictions = {
-            "borrowed": self.decode(ctx.rows, ctx.tail, ctx.position, ctx.healed),
-            "fresh": self.decode(fresh_rows, [sp.fim_middle], fresh_position, ctx.healed),
-            "prefix": self.decode(plain.rows, plain.tail, plain.position, plain.healed),
-        }
+    def predict(self, completer: Completer, cursor: int) -> tuple[dict[str, str], dict[str, float]]:
+        borrowed = self.suggest(completer, cursor, "fim")
+        borrowed_s = completer.stats()["recent_timings"][-1]["context_s"]
+        fresh, fresh_s = self.fresh(completer, cursor)
+        predictions = {"borrowed": borrowed, "fresh": fresh, "prefix": self.suggest(completer, cursor, "prefix")}
         return predictions, {"borrowed_s": borrowed_s, "fresh_s": fresh_s}
+
+
+def completer_stop(prefix: str, suffix: str) -> SyntaxStop:
+    """The stop rule the Completer uses for these benchmarks' single-line requests."""
+    return SyntaxStop(prefix, suffix, "single", "python")
 
 
 @dataclass
@@ -94,34 +88,35 @@ class LineToType:
     edit_s: float  # seconds the deletion took (a PIE edit)
 
 
-def open_after(model: LoadedModel, record: dict[str, Any]) -> DocumentCache:
-    """The record's file after its commit, with all its rows encoded."""
-    store = BufferStore(4096, None, "bench", decoder=model.decoder)
-    doc = DocumentCache("file:///bench.py", record["after"], model.decoder, model.tokenizer, store)
-    doc.ensure_rows()
-    return doc
+def open_after(model: LoadedModel, record: dict[str, Any]) -> Completer:
+    """A Completer with the record's file after its commit open as URI, all its rows encoded."""
+    completer = Completer(model, budget_mb=4096)
+    completer.open(URI, record["after"], "python")
+    completer.docs[URI].ensure_rows()
+    return completer
 
 
-def lines_to_type(doc: DocumentCache, record: dict[str, Any]) -> Iterator[LineToType]:
+def lines_to_type(completer: Completer, record: dict[str, Any]) -> Iterator[LineToType]:
     """Each target line deleted in turn, bottom up (so every prefix's rows stay exact), and put back when the
     caller asks for the next one."""
     for target in sorted(record["targets"], key=lambda t: -t["offset"]):
         cursor = target["offset"] + len(target["indent"])
         removed = target["text"][len(target["indent"]):]
         t0 = time.perf_counter()
-        doc.apply([TextEdit(cursor, cursor + len(removed), "")])
+        completer.change(URI, [TextEdit(cursor, cursor + len(removed), "")])
         yield LineToType(target, cursor, removed, time.perf_counter() - t0)
-        doc.apply([TextEdit(cursor, cursor, removed)])
+        completer.change(URI, [TextEdit(cursor, cursor, removed)])
 
 
 def bench_record(predictor: LayoutPredictor, record: dict[str, Any]) -> dict[str, Any]:
-    doc = open_after(predictor.model, record)
+    completer = open_after(predictor.model, record)
     targets = []
-    for line in lines_to_type(doc, record):
-        predictions, seconds = predictor.predict(doc, line.cursor)
+    for line in lines_to_type(completer, record):
+        predictions, seconds = predictor.predict(completer, line.cursor)
         targets.append({"line": line.target["line"], "expected": line.expected, "predictions": predictions,
                         "edit_s": line.edit_s, **seconds})
-    return {"commit": record["commit"], "path": record["path"], "tokens": len(doc.ids), "targets": targets}
+    return {"commit": record["commit"], "path": record["path"], "tokens": len(completer.docs[URI].ids),
+            "targets": targets}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

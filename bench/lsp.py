@@ -220,7 +220,11 @@ def lsp_position(text: str, offset: int) -> dict[str, int]:
 # -- a minimal JSON-RPC client over stdio ---------------------------------------------------------------------------
 
 class LspError(RuntimeError):
-    pass
+    """A JSON-RPC error response (with its `code`), or the server going away (code None)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class JsonRpcClient:
@@ -249,10 +253,18 @@ class JsonRpcClient:
         return self.frame({"method": method, "params": params})
 
     def request_frame(self, method: str, params: Any) -> tuple[bytes, asyncio.Future]:
+        _, data, future = self.numbered_request_frame(method, params)
+        return data, future
+
+    def numbered_request_frame(self, method: str, params: Any) -> tuple[int, bytes, asyncio.Future]:
+        """A request's id too, for a later `cancel_frame`."""
         self._next_id += 1
         future = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = future
-        return self.frame({"id": self._next_id, "method": method, "params": params}), future
+        return self._next_id, self.frame({"id": self._next_id, "method": method, "params": params}), future
+
+    def cancel_frame(self, request_id: int) -> bytes:
+        return self.notification("$/cancelRequest", {"id": request_id})
 
     async def send(self, *frames: bytes) -> None:
         assert self.process.stdin is not None
@@ -298,7 +310,8 @@ class JsonRpcClient:
         if future is None or future.done():
             return
         if "error" in message:
-            future.set_exception(LspError(f"{message['error'].get('code')}: {message['error'].get('message')}"))
+            error = message["error"]
+            future.set_exception(LspError(f"{error.get('code')}: {error.get('message')}", error.get("code")))
         else:
             future.set_result((message.get("result"), received))
 
@@ -343,12 +356,17 @@ class BenchServer:
         self.mode, self.client = mode, client
 
     @classmethod
-    async def start(cls, mode: str, *, model: str, cache: Path | None, refresh: str, log: Any) -> BenchServer:
+    async def start(cls, mode: str, *, model: str, cache: Path | None, refresh: str, log: Any,
+                    settings: dict[str, Any] | None = None) -> BenchServer:
+        """`settings` replaces this benchmark's initializationOptions (an empty dict: the server's defaults)."""
         command = [sys.executable, "-m", "lsp_server.cli", *(["--cache-dir", str(cache)] if cache else []),
                    "serve", "--model", model, "--no-persist", "--log-level", "warning"]
         client = await JsonRpcClient.start(command, stderr=log)
         server = cls(mode, client)
-        settings = {"cacheMode": mode, "refresh": refresh, "scope": "single", "drafts": 1, "automaticDrafts": 1}
+        if settings is None:
+            # no prefetch: each keystroke is one model call, so the server's timings pair up with the samples
+            settings = {"cacheMode": mode, "refresh": refresh, "scope": "single", "drafts": 1, "automaticDrafts": 1,
+                        "prefetch": False}
         capabilities = {"general": {"positionEncodings": ["utf-16"]},
                         "textDocument": {"inlineCompletion": {}, "synchronization": {}}}
         await client.request("initialize", {"processId": os.getpid(), "rootUri": None, "capabilities": capabilities,

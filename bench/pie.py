@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import machine_info, peak_rss_mb, write_json
-from inference.generate import KVRows, greedy_complete
-from inference.healing import TokenHealer
+from inference.generate import SINGLE_LINE, DecodeRequest, greedy_decode, prefill, vocabulary
 from inference.model_store import LoadedModel, load_model
-from inference.prompt import Prompt, healed_prompt
+from inference.prompt import healed_prompt
 from inference.registry import DEFAULT_MODEL
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.edits import TextEdit
@@ -83,7 +82,7 @@ class LinePredictor:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self.healer = TokenHealer(model.tokenizer.token_bytes(), model.tokenizer.specials.stop)
+        self.vocab = vocabulary(model.tokenizer)
 
     def prompt_ids(self, doc: TokenizedText, offset: int, indent: str) -> tuple[int, list[int]]:
         """(k, ids): the prompt after[:offset] + indent as the document's first k tokens plus a re-tokenized tail."""
@@ -103,10 +102,10 @@ class LinePredictor:
             raise ValueError("a prompt needs at least two tokens")
         reuse = min(k, len(ids) - 1)
         position = int(cache.positions[reuse - 1]) + 1 if reuse else 0
-        result = greedy_complete(self.model.decoder, self.model.tokenizer, Prompt(ids[reuse:], healed),
-                                 max_tokens=MAX_TOKENS, healer=self.healer, rows=KVRows(*cache.past(reuse)),
-                                 position=position)
-        return result.drafts[0].text
+        rows, _ = cache.lend(reuse, len(ids) - reuse + MAX_TOKENS, position)
+        logits = prefill(self.model.decoder, rows, ids[reuse:])
+        request = DecodeRequest(MAX_TOKENS, SINGLE_LINE, healed)
+        return greedy_decode(self.model.decoder, self.vocab, rows, logits, request).drafts[0].text
 
 
 def copy_cache(cache: BufferCache) -> BufferCache:

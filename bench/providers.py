@@ -18,18 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from inference.generate import KVRows, prefill
+from inference.generate import DecodeCache, prefill
 from inference.model_store import load_model
 from inference.synthetic import write_tiny_gguf
 
 
-def _timed_decode(model, rows: KVRows, steps: int) -> float:
+def _timed_decode(model, rows: DecodeCache, steps: int) -> float:
     """Median ms of single-token forwards against `rows` (rows are not extended: same cost each step)."""
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        model.decoder.forward(np.array([step % model.config.vocab_size]), np.array([rows.length]),
-                              rows.keys, rows.values)
+        rows.forward(model.decoder, np.array([step % model.config.vocab_size]), np.array([rows.position]))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -40,9 +39,10 @@ def check(model_name: str, quantization: str, cache: Path, prompt_len: int) -> d
     logits = {}
     for device in ("cpu", "cuda"):
         model = load_model(model_name, quantization, cache=cache, progress=False, device=device)
-        prefill(model.decoder, ids[:16])  # warm-up
+        prefill(model.decoder, DecodeCache.empty(model.config, 16), ids[:16])  # warm-up
         start = time.perf_counter()
-        rows, last = prefill(model.decoder, ids)
+        rows = DecodeCache.empty(model.config, len(ids))
+        last = prefill(model.decoder, rows, ids)
         results[device] = {"providers": model.decoder.providers,
                            "prefill_tok_s": prompt_len / (time.perf_counter() - start),
                            "decode_ms": _timed_decode(model, rows, 16)}

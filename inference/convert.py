@@ -19,7 +19,7 @@ from inference.quantize import Quantization, quantize_model
 from inference.tokenizer import gguf_tokenizer_fields, tokenizer_from_metadata
 from inference.weights import embedding, head, iter_layers
 
-CONVERTER_VERSION = "2"
+CONVERTER_VERSION = "4"
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

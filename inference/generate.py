@@ -1,77 +1,142 @@
-"""Greedy decoding of one completion: prefill, then one token per step, healing and stopping as it goes."""
+"""Decode state and the steps every decoder shares: `prefill`, `decode_one_token`, and greedy decoding.
+
+A decode attends to rows in a `DecodeCache`: preallocated per-layer buffers that it writes in place. The
+buffers are usually a document's (kv_cache.BufferCache lends them): the document's rows come first, those
+the prompt does not include are hidden by the attention bias, and the decode writes its own rows into the
+spare capacity after them. Nothing is copied per token and the document's rows are never changed.
+"""
 
 from __future__ import annotations
 
 import codecs
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from inference.config import ModelConfig
 from inference.healing import TokenHealer
-from inference.prompt import Prompt
-from inference.runtime import Decoder
+from inference.runtime import NEG_INF, Decoder, StepOutput, causal_bias
 from inference.tokenizer import CodeTokenizer
 
 PREFILL_CHUNK = 512  # bounds the [chunk, past + chunk] mask and lets callers interleave other work
 
 
-@dataclass
-class KVRows:
-    """The rows of one sequence: keys/values per layer [kv_heads, rows, head_dim]."""
+def _never() -> bool:
+    return False
 
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
+
+class DecodeCache:
+    """Rows [0, length) of per-layer key/value buffers [kv_heads, capacity, head_dim], some hidden.
+
+    `position` is the RoPE position of the next row. Rows are written at `length` in place; a write past
+    the capacity moves the rows to larger buffers of the cache's own (the lender's are never resized).
+    """
+
+    def __init__(self, keys: list[np.ndarray], values: list[np.ndarray], length: int, position: int) -> None:
+        self.keys, self.values = keys, values  # per layer [kv, capacity, hd]
+        self.length = length
+        self.position = position
+        self._bias = np.zeros(self.capacity, np.float32)  # [capacity]: 0 where a row is visible, else NEG_INF
+        self._hidden = False
+
+    @classmethod
+    def empty(cls, config: ModelConfig, capacity: int) -> DecodeCache:
+        shape = (config.n_kv_heads, max(capacity, 1), config.head_dim)
+        keys = [np.empty(shape, np.float32) for _ in range(config.n_layers)]
+        values = [np.empty(shape, np.float32) for _ in range(config.n_layers)]
+        return cls(keys, values, 0, 0)
 
     @property
-    def length(self) -> int:
+    def capacity(self) -> int:
         return self.keys[0].shape[1]
 
-    def append(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
-        self.keys = [np.concatenate([a, b], axis=1) for a, b in zip(self.keys, keys)]
-        self.values = [np.concatenate([a, b], axis=1) for a, b in zip(self.values, values)]
+    def hide(self, start: int, stop: int) -> None:
+        """Rows [start, stop) stay in the buffers but no new row attends to them."""
+        if stop > start:
+            self._bias[start:stop] = NEG_INF
+            self._hidden = True
+
+    def past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Views of rows [0, length) per layer [kv, length, hd] (each head's rows are contiguous)."""
+        n = self.length
+        return [k[:, :n] for k in self.keys], [v[:, :n] for v in self.values]
+
+    def forward(self, decoder: Decoder, ids: np.ndarray, positions: np.ndarray, *,
+                new_bias: np.ndarray | None = None, row_bias: np.ndarray | None = None,
+                mix_weights: np.ndarray | None = None, logits_index: np.ndarray | None = None) -> StepOutput:
+        """One forward of `ids` [S] (or [S, mix]) after the visible rows; nothing is written.
+
+        new_bias [S, S]: how the new tokens see each other (causal by default); row_bias [S, length]: an extra
+        mask over the cached rows for each new token (beams that must not see each other's rows).
+        """
+        seq = len(ids)
+        bias = None
+        if self._hidden or new_bias is not None or row_bias is not None:
+            bias = np.empty((seq, self.length + seq), np.float32)
+            bias[:, :self.length] = self._bias[:self.length]
+            if row_bias is not None:
+                bias[:, :self.length] += row_bias
+            bias[:, self.length:] = causal_bias(0, seq) if new_bias is None else new_bias
+        return decoder.forward(ids, positions, *self.past(), mix_weights=mix_weights, bias=bias,
+                               logits_index=logits_index)
+
+    def write(self, keys: list[np.ndarray], values: list[np.ndarray], rows: np.ndarray | None = None) -> None:
+        """Append new rows (per layer [kv, S, hd]; only `rows` of them if given) at `length`, in place."""
+        count = keys[0].shape[1] if rows is None else len(rows)
+        self._reserve(self.length + count)
+        start, stop = self.length, self.length + count
+        for buf, new in zip(self.keys, keys):
+            buf[:, start:stop] = new if rows is None else new[:, rows]
+        for buf, new in zip(self.values, values):
+            buf[:, start:stop] = new if rows is None else new[:, rows]
+        self._bias[start:stop] = 0.0
+        self.length = stop
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        capacity, n = max(rows, 2 * self.capacity), self.length
+
+        def grown(old: np.ndarray) -> np.ndarray:
+            new = np.empty((old.shape[0], capacity, old.shape[2]), old.dtype)
+            new[:, :n] = old[:, :n]
+            return new
+
+        self.keys = [grown(k) for k in self.keys]
+        self.values = [grown(v) for v in self.values]
+        bias = np.zeros(capacity, np.float32)
+        bias[:n] = self._bias[:n]
+        self._bias = bias
 
 
-@dataclass
-class Draft:
-    text: str
-    token_ids: list[int]
-    logprob: float  # sum over generated tokens
-
-    @property
-    def score(self) -> float:
-        """Mean log-probability per token: comparable across drafts of different lengths."""
-        return self.logprob / max(len(self.token_ids), 1)
-
-
-@dataclass
-class GenerationResult:
-    drafts: list[Draft]
-    timings: dict[str, float] = field(default_factory=dict)
-    prompt_tokens: int = 0
-
-
-def prefill(decoder: Decoder, ids: list[int], rows: KVRows | None = None,
-            position: int | None = None) -> tuple[KVRows, np.ndarray]:
-    """Encode ids after `rows` in chunks, from `position` (default: right after the rows); returns the rows
-    and the logits of the last id."""
+def prefill(decoder: Decoder, cache: DecodeCache, ids: list[int]) -> np.ndarray:
+    """Encode `ids` after the cache's rows in chunks, writing their rows; returns the last id's logits."""
     if not ids:
         raise ValueError("prefill needs at least one token: its logits are the next token's")
-    rows = rows or KVRows(*decoder.empty_past())
     logits = np.empty(0, dtype=np.float32)
     for start in range(0, len(ids), PREFILL_CHUNK):
         chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int64)
-        first = rows.length if position is None else position + start
-        pos = np.arange(first, first + len(chunk))
-        out = decoder.forward(chunk, pos, rows.keys, rows.values)
-        rows.append(out.keys, out.values)
+        positions = np.arange(cache.position, cache.position + len(chunk))
+        out = cache.forward(decoder, chunk, positions)
+        cache.write(out.keys, out.values)
+        cache.position += len(chunk)
         logits = out.logits[-1]
-    return rows, logits
+    return logits
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def decode_one_token(decoder: Decoder, cache: DecodeCache, token: int) -> np.ndarray:
+    """Feed one token at the next position, write its row; returns the next token's logits [vocab]."""
+    out = cache.forward(decoder, np.array([token]), np.array([cache.position]))
+    cache.write(out.keys, out.values)
+    cache.position += 1
+    return out.logits[-1]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
 
@@ -91,7 +156,7 @@ def first_line(text: str) -> tuple[str, bool]:
 
 
 class StopRule(Protocol):
-    """Decides, while decoding, whether a completion is done (inference/syntax.py has the tree-sitter one)."""
+    """Decides, while decoding, whether a completion is done (inference/syntax/stop.py has the tree-sitter one)."""
 
     def cut(self, text: str) -> int | None:
         """How many characters of `text` (the completion so far) to keep if it is complete, else None."""
@@ -108,55 +173,115 @@ class SingleLine:
 SINGLE_LINE = SingleLine()
 
 
-def greedy_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
-                    stop: StopRule | None = SINGLE_LINE, healer: TokenHealer | None = None,
-                    rows: KVRows | None = None, position: int | None = None,
-                    cancelled: Callable[[], bool] | None = None) -> GenerationResult:
-    """Greedy decoding after `prompt`; with `rows`, the prompt continues that cache (copied, not changed),
-    from RoPE `position` (default: right after the rows; a cache with gapped positions passes its own).
-
-    `cancelled` is asked before every step; once it says yes, decoding stops and the timings say so.
-    """
-    t0 = time.perf_counter()
-    if rows is not None:
-        rows = KVRows(list(rows.keys), list(rows.values))  # append() rebinds, so the caller's rows stay
-    rows, logits = prefill(decoder, prompt.ids, rows, position)
-    next_position = (rows.length if position is None else position + len(prompt.ids))
-    t1 = time.perf_counter()
-    token_bytes = tokenizer.token_bytes()
-    eos = tokenizer.specials.stop
-    pending = prompt.healed
-    healer = healer or (TokenHealer(token_bytes, eos) if pending else None)
-    out_ids: list[int] = []
-    logprob = 0.0
-    text_bytes = b""
-    stopped_early = False
-    while len(out_ids) < max_tokens:
-        if cancelled is not None and cancelled():
-            stopped_early = True
-            break
-        logp = _log_softmax(logits + healer.mask(pending) if pending else logits)
-        token = int(np.argmax(logp))
-        if token in eos:
-            break
-        if pending:
-            pending = healer.consume(pending, token)
-        else:
-            logprob += float(logp[token])
-        out_ids.append(token)
-        text_bytes += token_bytes[token]
-        if stop is not None and not pending:
-            cut = stop.cut(completion_text(text_bytes[len(prompt.healed):]))
-            if cut is not None:
-                break
-        out = decoder.forward(np.array([token]), np.array([next_position]), rows.keys, rows.values)
-        rows.append(out.keys, out.values)
-        logits = out.logits[-1]
-        next_position += 1
-    t2 = time.perf_counter()
-    text = completion_text(text_bytes[len(prompt.healed):])
+def cut_at_stop(text: str, stop: StopRule | None) -> str:
     cut = stop.cut(text) if stop is not None else None
-    text = text if cut is None else text[:cut]
-    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out_ids)),
-               "cancelled": float(stopped_early)}
-    return GenerationResult([Draft(text, out_ids, logprob)], timings, len(prompt.ids))
+    return text if cut is None else text[:cut]
+
+
+@dataclass
+class Draft:
+    text: str
+    token_ids: list[int]
+    logprob: float  # sum over generated tokens
+
+    @property
+    def score(self) -> float:
+        """Mean log-probability per token: comparable across drafts of different lengths."""
+        return self.logprob / max(len(self.token_ids), 1)
+
+
+@dataclass
+class GenerationResult:
+    drafts: list[Draft]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What to decode after a prompt: how much, when to stop, which typed bytes to heal, when to give up."""
+
+    max_tokens: int = 64
+    stop: StopRule | None = SINGLE_LINE
+    healed: bytes = b""  # the text between the prompt's last whole token and the cursor: output starts with it
+    cancelled: Callable[[], bool] = _never  # asked before every forward; once true, decoding returns what it has
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token facts every decoder needs: each id's bytes, the ids that end a completion, and healing."""
+
+    token_bytes: list[bytes]
+    eos: frozenset[int]
+    healer: TokenHealer
+
+
+_VOCABULARIES: weakref.WeakKeyDictionary[CodeTokenizer, Vocabulary] = weakref.WeakKeyDictionary()
+
+
+def vocabulary(tokenizer: CodeTokenizer) -> Vocabulary:
+    """The tokenizer's Vocabulary, built once (the healer's index sorts the whole vocabulary)."""
+    vocab = _VOCABULARIES.get(tokenizer)
+    if vocab is None:
+        token_bytes, eos = tokenizer.token_bytes(), tokenizer.specials.stop
+        vocab = _VOCABULARIES[tokenizer] = Vocabulary(token_bytes, eos, TokenHealer(token_bytes, eos))
+    return vocab
+
+
+class Transcript:
+    """One draft's emitted tokens under the rules greedy and speculative decoding share: healing, end of
+    text, the stop rule and the token budget."""
+
+    def __init__(self, vocab: Vocabulary, request: DecodeRequest) -> None:
+        self.vocab, self.request = vocab, request
+        self.pending = request.healed
+        self.ids: list[int] = []
+        self.logprob = 0.0
+        self.text_bytes = b""
+
+    @property
+    def full(self) -> bool:
+        return len(self.ids) >= self.request.max_tokens
+
+    def next_logp(self, logits: np.ndarray) -> np.ndarray:
+        """Log-probabilities of the next token, restricted to the pending bytes while healing."""
+        return log_softmax(logits + self.vocab.healer.mask(self.pending) if self.pending else logits)
+
+    def take(self, token: int, logp: np.ndarray) -> bool:
+        """Emit the greedy token; True when the completion is finished (end of text or the stop rule)."""
+        if token in self.vocab.eos:
+            return True
+        if self.pending:
+            self.pending = self.vocab.healer.consume(self.pending, token)
+        else:
+            self.logprob += float(logp[token])
+        self.ids.append(token)
+        self.text_bytes += self.vocab.token_bytes[token]
+        stop = self.request.stop
+        return stop is not None and not self.pending and stop.cut(self.text) is not None
+
+    @property
+    def text(self) -> str:
+        return completion_text(self.text_bytes[len(self.request.healed):])
+
+    def draft(self) -> Draft:
+        return Draft(cut_at_stop(self.text, self.request.stop), self.ids, self.logprob)
+
+
+def greedy_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                  request: DecodeRequest) -> GenerationResult:
+    """The most likely token at every step, starting from the prompt's `logits`, one forward per token."""
+    t0 = time.perf_counter()
+    out = Transcript(vocab, request)
+    stopped = False
+    logp = out.next_logp(logits)
+    while True:
+        token = int(np.argmax(logp))
+        if out.take(token, logp) or out.full:
+            break
+        if request.cancelled():
+            stopped = True
+            break
+        logp = out.next_logp(decode_one_token(decoder, cache, token))
+    timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(out.ids)),
+               "cancelled": float(stopped)}
+    return GenerationResult([out.draft()], timings)

@@ -29,6 +29,16 @@ def causal_bias(past: int, seq: int) -> np.ndarray:
     return bias
 
 
+def _head_rows(rows: np.ndarray, head: int) -> np.ndarray:
+    """[1, 1, P, hd] over one kv head of `rows` [kv, P, hd]: a view, not a copy, whenever that head's rows are
+    contiguous, as in a row slice `buf[:, :P]` of a preallocated [kv, capacity, hd] buffer. ONNX Runtime reads
+    a C-contiguous float32 feed in place."""
+    one = rows[head]
+    if one.dtype != np.float32 or not one.flags.c_contiguous:
+        one = np.ascontiguousarray(one, dtype=np.float32)
+    return one[None, None]
+
+
 class ProviderUnavailable(RuntimeError):
     """The requested execution provider is not in this ONNX Runtime build."""
 
@@ -52,16 +62,23 @@ class Decoder:
     """Runs the graph; knows nothing about buffers, edits or decoding strategies."""
 
     def __init__(self, model_path: Path, config: ModelConfig, *, threads: int | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", profile_prefix: str | None = None) -> None:
+        """`profile_prefix`: record ONNX Runtime's per-op trace (`session.end_profiling()` writes it)."""
         self.config = config
+        self.model_path = model_path
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or int(os.environ.get("SUPERPIE_THREADS", "2"))
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.session = ort.InferenceSession(str(model_path), options, providers=available_providers(device))
         self.providers = self.session.get_providers()
         self._outputs = ["logits"] + [n for i in range(config.n_layers) for n in (new_key_name(i), new_value_name(i))]
         kv, hd = config.n_kv_heads, config.head_dim
+        self._past_names = [[(past_key_name(i, h), past_value_name(i, h)) for h in range(kv)]
+                            for i in range(config.n_layers)]
         self._empty = np.zeros((1, kv, 0, hd), dtype=np.float32)
 
     def empty_past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -72,7 +89,7 @@ class Decoder:
         self,
         ids: np.ndarray,  # [seq] or [seq, mix]
         positions: np.ndarray,  # [seq]
-        past_keys: list[np.ndarray],  # per layer [kv, past, hd]
+        past_keys: list[np.ndarray],  # per layer [kv, past, hd]; only each head's rows need be contiguous
         past_values: list[np.ndarray],
         *,
         mix_weights: np.ndarray | None = None,  # [seq, mix]
@@ -97,8 +114,9 @@ class Decoder:
             "attention_bias": np.asarray(bias, dtype=np.float32)[None, None],
             "logits_index": np.asarray(logits_index, dtype=np.int64),
         }
-        for i, (k, v) in enumerate(zip(past_keys, past_values)):
-            feeds[past_key_name(i)] = np.ascontiguousarray(k)[None]
-            feeds[past_value_name(i)] = np.ascontiguousarray(v)[None]
+        for names, k, v in zip(self._past_names, past_keys, past_values):
+            for h, (key_name, value_name) in enumerate(names):
+                feeds[key_name] = _head_rows(k, h)
+                feeds[value_name] = _head_rows(v, h)
         out = self.session.run(self._outputs, feeds)
         return StepOutput(logits=out[0][0], keys=[a[0] for a in out[1::2]], values=[a[0] for a in out[2::2]])

@@ -9,7 +9,7 @@ dropped; their positions are the ones sequential decoding would have used.
 
 Losslessness relies on the graph being chunk-invariant: attention runs over Concat(past, new), so a node's
 logits are bit-identical to feeding its path one token at a time (tests/test_speculative.py checks this),
-and the output equals greedy_complete token for token.
+and the output equals greedy_decode token for token.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import functools
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,19 +26,14 @@ import numpy as np
 
 from inference.drafting import Recycler, lookup_continuations
 from inference.generate import (
-    SINGLE_LINE,
-    Draft,
+    DecodeCache,
+    DecodeRequest,
     GenerationResult,
-    KVRows,
-    StopRule,
-    _log_softmax,
-    completion_text,
-    prefill,
+    Transcript,
+    Vocabulary,
+    decode_one_token,
 )
-from inference.healing import TokenHealer
-from inference.prompt import Prompt
-from inference.runtime import NEG_INF, Decoder
-from inference.tokenizer import CodeTokenizer
+from inference.runtime import NEG_INF, Decoder, StepOutput
 
 TREE_NODES = 8  # most tokens per verification forward, root and padding included
 LOOKUP_LENGTH = 12  # longest prompt-lookup chain considered
@@ -205,16 +200,15 @@ def build_draft_tree(root: int, context: np.ndarray, corpus: Sequence[np.ndarray
     return tree.prefix(best_size)
 
 
-def verify_tree(decoder: Decoder, tree: DraftTree, rows: KVRows, position: int) -> tuple[np.ndarray, list, list]:
-    """One forward of the tree after `rows`, the root at `position`: (logits [n nodes, vocab], new keys and
-    values per layer [kv, width, hd], in slot order: node i's row is tree.slots[i])."""
-    ids, positions, bias = tree.feed(rows.length, position)
-    out = decoder.forward(ids, positions, rows.keys, rows.values, bias=bias,
-                          logits_index=np.asarray(tree.slots, dtype=np.int64))
-    return out.logits, out.keys, out.values
+def verify_tree(decoder: Decoder, cache: DecodeCache, tree: DraftTree) -> StepOutput:
+    """One forward of the tree after the cache's rows, the root at the cache's next position: logits
+    [n nodes, vocab] and new keys and values per layer [kv, width, hd] in slot order (node i's row is
+    tree.slots[i]). Nothing is written: the caller keeps the accepted rows."""
+    ids, positions, bias = tree.feed(0, cache.position)
+    return cache.forward(decoder, ids, positions, new_bias=bias, logits_index=np.asarray(tree.slots, np.int64))
 
 
-def greedy_accept(tree: DraftTree, logits: np.ndarray, out: _Transcript) -> tuple[list[int], np.ndarray, bool]:
+def greedy_accept(tree: DraftTree, logits: np.ndarray, out: Transcript) -> tuple[list[int], np.ndarray, bool]:
     """Walk down the tree while the model's greedy choice at a node is one of its children, emitting each.
 
     Returns the accepted nodes (root first), the log-probabilities at the last one (their argmax is the
@@ -233,79 +227,32 @@ def greedy_accept(tree: DraftTree, logits: np.ndarray, out: _Transcript) -> tupl
 
 
 @dataclass
-class _Transcript:
-    """The tokens emitted so far, with greedy_complete's rules for healing, end of text and stopping."""
+class Drafter:
+    """Where speculative decoding finds its guesses, and how many it may verify at once.
 
-    token_bytes: list[bytes]
-    eos: frozenset[int]
-    healed: bytes
-    healer: TokenHealer | None
-    stop: StopRule | None
-    max_tokens: int
-    pending: bytes
-    ids: list[int] = field(default_factory=list)
-    logprob: float = 0.0
-    text_bytes: bytes = b""
-
-    @property
-    def full(self) -> bool:
-        return len(self.ids) >= self.max_tokens
-
-    def next_logp(self, logits: np.ndarray) -> np.ndarray:
-        """Log-probabilities of the next token, restricted to the pending bytes while healing."""
-        return _log_softmax(logits + self.healer.mask(self.pending) if self.pending else logits)
-
-    def take(self, token: int, logp: np.ndarray) -> bool:
-        """Emit the greedy token; True when the completion is finished (end of text or the stop rule)."""
-        if token in self.eos:
-            return True
-        if self.pending:
-            self.pending = self.healer.consume(self.pending, token)
-        else:
-            self.logprob += float(logp[token])
-        self.ids.append(token)
-        self.text_bytes += self.token_bytes[token]
-        if self.stop is not None and not self.pending:
-            return self.stop.cut(self.text) is not None
-        return False
-
-    @property
-    def text(self) -> str:
-        return completion_text(self.text_bytes[len(self.healed):])
-
-
-def speculative_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, max_tokens: int = 64,
-                         stop: StopRule | None = SINGLE_LINE, rows: KVRows | None = None,
-                         position: int | None = None, healer: TokenHealer | None = None,
-                         lookup_corpus: Sequence[Sequence[int]] = (), recycler: Recycler | None = None,
-                         tree_nodes: int = TREE_NODES, token_cost: float = VERIFY_TOKEN_COST,
-                         cancelled: Callable[[], bool] | None = None) -> GenerationResult:
-    """greedy_complete's output, token for token, in fewer forwards.
-
-    `lookup_corpus`: token sequences to copy drafts from besides the prompt and the output so far: the
-    buffer's own ids when `rows` hold it, other open buffers. `recycler`: a shared, long-lived matrix (a
-    fresh one per call otherwise). `tree_nodes`: the most tokens one verification forward feeds, root and
-    padding included; `token_cost`: what each of them costs beyond the first, in single steps (the tree
-    is as large as pays off under that price). `cancelled` is checked before every forward; a cancelled
-    completion returns what it has, with timings["cancelled"] = 1.
+    `context`: the code before the cursor (prompt lookup continues it, with the output so far appended);
+    `corpus`: other token sequences to copy from (the document itself, other open buffers); `recycler`: a
+    shared, long-lived successor matrix. `tree_nodes` bounds the tokens of one verification forward (root
+    and padding included); `token_cost` is what each costs beyond the first, in single steps.
     """
+
+    recycler: Recycler
+    context: Sequence[int] = ()
+    corpus: Sequence[Sequence[int]] = ()
+    tree_nodes: int = TREE_NODES
+    token_cost: float = VERIFY_TOKEN_COST
+
+
+def speculative_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                       request: DecodeRequest, drafter: Drafter) -> GenerationResult:
+    """greedy_decode's output, token for token, in fewer forwards."""
     t0 = time.perf_counter()
-    if rows is not None:
-        rows = KVRows(list(rows.keys), list(rows.values))  # append() rebinds, so the caller's rows stay
-    rows, logits = prefill(decoder, prompt.ids, rows, position)
-    next_position = rows.length if position is None else position + len(prompt.ids)
-    t1 = time.perf_counter()
-    token_bytes = tokenizer.token_bytes()
-    eos = tokenizer.specials.stop
-    healer = healer or (TokenHealer(token_bytes, eos) if prompt.healed else None)
-    out = _Transcript(token_bytes, eos, prompt.healed, healer, stop, max_tokens, prompt.healed)
-    recycler = recycler or Recycler(logits.shape[-1])
-    if prompt.ids:
-        recycler.update(np.array(prompt.ids[-1:]), logits[None])
+    out = Transcript(vocab, request)
     lanes = softmax_lanes()
-    corpus = [np.asarray(seq, dtype=np.int64) for seq in lookup_corpus if len(seq)]
-    context = np.empty(len(prompt.ids) + max_tokens, dtype=np.int64)  # prompt + output, for prompt lookup
-    context[:len(prompt.ids)] = prompt.ids
+    corpus = [np.asarray(seq, dtype=np.int64) for seq in drafter.corpus if len(seq)]
+    history = len(drafter.context)
+    context = np.empty(history + request.max_tokens, dtype=np.int64)  # code before the cursor + output
+    context[:history] = drafter.context
     stats = {"single_steps": 0.0, "tree_steps": 0.0, "tree_tokens": 0.0, "accepted_drafts": 0.0, "draft_s": 0.0,
              "cancelled": 0.0}
     logp = out.next_logp(logits)
@@ -313,39 +260,31 @@ def speculative_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Pro
         token = int(np.argmax(logp))
         if out.take(token, logp) or out.full:
             break
-        n_context = len(prompt.ids) + len(out.ids)
+        n_context = history + len(out.ids)
         context[n_context - 1] = token
-        if cancelled is not None and cancelled():
+        if request.cancelled():
             stats["cancelled"] = 1.0
             break
         if out.pending:  # still healing: the next token is constrained, so drafts would not help
-            step = decoder.forward(np.array([token]), np.array([next_position]), rows.keys, rows.values)
-            rows.append(step.keys, step.values)
-            next_position += 1
+            logp = out.next_logp(decode_one_token(decoder, cache, token))
             stats["single_steps"] += 1
-            logp = out.next_logp(step.logits[-1])
             continue
         td = time.perf_counter()
-        tree = build_draft_tree(token, context[:n_context], corpus, recycler, tree_nodes, lanes,
-                                token_cost)
+        tree = build_draft_tree(token, context[:n_context], corpus, drafter.recycler, drafter.tree_nodes, lanes,
+                                drafter.token_cost)
         stats["draft_s"] += time.perf_counter() - td
-        tree_logits, keys, values = verify_tree(decoder, tree, rows, next_position)
+        step = verify_tree(decoder, cache, tree)
         td = time.perf_counter()
-        accepted, logp, finished = greedy_accept(tree, tree_logits, out)
+        accepted, logp, finished = greedy_accept(tree, step.logits, out)
         context[n_context:n_context + len(accepted) - 1] = [tree.tokens[node] for node in accepted[1:]]
-        keep = np.asarray([tree.slots[node] for node in accepted])
-        rows.append([k[:, keep] for k in keys], [v[:, keep] for v in values])
-        next_position += len(accepted)
-        recycler.update(np.asarray(tree.tokens), tree_logits)
+        cache.write(step.keys, step.values, rows=np.asarray([tree.slots[node] for node in accepted]))
+        cache.position += len(accepted)
+        drafter.recycler.update(np.asarray(tree.tokens), step.logits)
         stats["tree_steps"] += 1
         stats["tree_tokens"] += tree.width
         stats["accepted_drafts"] += len(accepted) - 1
         stats["draft_s"] += time.perf_counter() - td
         if finished:
             break
-    t2 = time.perf_counter()
-    text = out.text
-    cut = stop.cut(text) if stop is not None else None
-    text = text if cut is None else text[:cut]
-    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "generated_tokens": float(len(out.ids)), **stats}
-    return GenerationResult([Draft(text, out.ids, out.logprob)], timings, len(prompt.ids))
+    timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(out.ids)), **stats}
+    return GenerationResult([out.draft()], timings)

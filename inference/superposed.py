@@ -11,25 +11,31 @@ same forward, and an attention mask lets each row see the prompt plus its own dr
 tree over the shared prompt rows, which are never copied). `search="beam"` is a k-way beam search;
 `search="branch"` takes the k best first tokens and continues each greedily.
 
-Both follow greedy_complete's conventions: the caller's rows are copied, not changed; token healing restricts
-a draft's first tokens to the backed-off bytes; a draft the stop rule calls complete is finished.
+Both follow greedy_decode's conventions: rows are written into the DecodeCache in place; token healing
+restricts a draft's first tokens to the backed-off bytes; a draft the stop rule calls complete is finished.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from inference.generate import SINGLE_LINE, Draft, GenerationResult, KVRows, StopRule, completion_text, prefill
-from inference.healing import TokenHealer
+from inference.generate import (
+    DecodeCache,
+    DecodeRequest,
+    Draft,
+    GenerationResult,
+    Vocabulary,
+    completion_text,
+    cut_at_stop,
+    log_softmax,
+)
 from inference.ngram import NgramModel
-from inference.prompt import Prompt
 from inference.runtime import NEG_INF, Decoder
-from inference.tokenizer import CodeTokenizer
 
 # Tuned on 20 stdlib completion points and checked on 30 others (Qwen2.5-Coder-0.5B; numbers on the issue).
 # SPD's own n ≤ 4 setting (params/p15_d3_ngram4_mixed.json: α 0.55, τ 0.1, 9 tokens, no floor) lost 6.7 points
@@ -52,22 +58,19 @@ class _Beam:
     score: float = 0.0
     rows: list[int] = field(default_factory=list)  # batched decoding: this draft's rows after the prompt
 
-    def extended(self, token: int, token_bytes: bytes, healer: TokenHealer | None, score: float) -> _Beam:
-        pending = healer.consume(self.pending, token) if self.pending and healer else b""
+    def extended(self, token: int, vocab: Vocabulary, score: float) -> _Beam:
+        pending = vocab.healer.consume(self.pending, token) if self.pending else b""
+        token_bytes = vocab.token_bytes[token]
         return _Beam(self.ids + [token], self.text + token_bytes, pending, score, list(self.rows))
 
 
 class _Drafts:
     """Beam bookkeeping shared by both decoders: candidates in, alive and finished drafts out."""
 
-    def __init__(self, tokenizer: CodeTokenizer, prompt: Prompt, k: int, stop: StopRule | None,
-                 healer: TokenHealer | None) -> None:
-        self.token_bytes = tokenizer.token_bytes()
-        self.eos = tokenizer.specials.stop
-        self.healed = prompt.healed
-        self.k, self.stop = k, stop
-        self.healer = healer or (TokenHealer(self.token_bytes, self.eos) if prompt.healed else None)
-        self.alive = [_Beam(pending=prompt.healed)]
+    def __init__(self, vocab: Vocabulary, request: DecodeRequest, k: int) -> None:
+        self.vocab, self.k, self.stop = vocab, k, request.stop
+        self.healed = request.healed
+        self.alive = [_Beam(pending=request.healed)]
         self.finished: list[_Beam] = []
 
     def text(self, beam: _Beam) -> str:
@@ -78,9 +81,7 @@ class _Drafts:
 
     def log_probs(self, logits: np.ndarray, beam: _Beam) -> np.ndarray:
         """log softmax(logits) [vocab], healing-masked while bytes are pending."""
-        z = logits + self.healer.mask(beam.pending) if beam.pending else logits
-        z = z - z.max()
-        return z - np.log(np.exp(z).sum())
+        return log_softmax(logits + self.vocab.healer.mask(beam.pending) if beam.pending else logits)
 
     def advance(self, candidates: list[tuple[float, int, int]]) -> None:
         """Take (score, alive index, token) candidates best first: EOS or a complete text finishes a draft,
@@ -91,10 +92,10 @@ class _Drafts:
             if len(alive) >= self.k:
                 break
             beam = self.alive[i]
-            if token in self.eos:
+            if token in self.vocab.eos:
                 self.finished.append(_Beam(beam.ids, beam.text, beam.pending, score))
                 continue
-            new = beam.extended(token, self.token_bytes[token], self.healer, score)
+            new = beam.extended(token, self.vocab, score)
             if self.is_complete(new):
                 self.finished.append(new)
             elif new.text not in spelled:
@@ -115,9 +116,7 @@ class _Drafts:
         """Finished and alive drafts, best mean log-score first, one per distinct text, at most k."""
         drafts, seen = [], set()
         for beam in sorted(self.finished + self.alive, key=lambda b: -b.score / max(len(b.ids), 1)):
-            text = self.text(beam)
-            cut = self.stop.cut(text) if self.stop is not None else None
-            text = text if cut is None else text[:cut]
+            text = cut_at_stop(self.text(beam), self.stop)
             if text in seen:
                 continue
             seen.add(text)
@@ -125,20 +124,6 @@ class _Drafts:
             if len(drafts) == self.k:
                 break
         return drafts
-
-
-def code_before_cursor(prompt: Prompt, tokenizer: CodeTokenizer) -> list[int]:
-    """The prompt's prefix ids (the FIM prefix, or the whole prompt without FIM): the n-gram model's history."""
-    sp = tokenizer.specials
-    ids = prompt.ids
-    if sp.fim_prefix is not None and sp.fim_suffix is not None and ids[:1] == [sp.fim_prefix] \
-            and sp.fim_suffix in ids:
-        return ids[1:ids.index(sp.fim_suffix)]
-    return list(ids)
-
-
-def _copy(rows: KVRows | None) -> KVRows | None:
-    return None if rows is None else KVRows(list(rows.keys), list(rows.values))  # append() rebinds
 
 
 def _top(values: np.ndarray, n: int) -> np.ndarray:
@@ -149,43 +134,47 @@ def _top(values: np.ndarray, n: int) -> np.ndarray:
     return idx[np.isfinite(values[idx])]
 
 
-def superposed_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, k: int = DEFAULT_DRAFTS,
-                        max_tokens: int = 64, stop: StopRule | None = SINGLE_LINE, rows: KVRows | None = None,
-                        position: int | None = None, ngram: NgramModel | None = None,
-                        healer: TokenHealer | None = None, cancelled: Callable[[], bool] | None = None,
-                        alpha: float = DEFAULT_ALPHA, temperature: float = DEFAULT_TEMPERATURE,
-                        n_sample: int = DEFAULT_N_SAMPLE, ngram_floor: float | None = DEFAULT_NGRAM_FLOOR,
-                        history: Sequence[int] | None = None) -> GenerationResult:
+@dataclass(frozen=True)
+class SuperposedSearch:
+    """Superposed decoding's settings: k drafts, the n-gram model that re-scores them, and its context."""
+
+    k: int = DEFAULT_DRAFTS
+    ngram: NgramModel | None = None  # without it drafts are scored by the sharpened LLM alone (SPD's smoothing=None)
+    history: Sequence[int] = ()  # the code before the cursor, for n-gram contexts
+    alpha: float = DEFAULT_ALPHA
+    temperature: float = DEFAULT_TEMPERATURE
+    n_sample: int = DEFAULT_N_SAMPLE
+    ngram_floor: float | None = DEFAULT_NGRAM_FLOOR
+
+
+def superposed_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                      request: DecodeRequest, search: SuperposedSearch) -> GenerationResult:
     """k drafts from one autoregressive pass (BRIEF §1.2), ranked best first and distinct by text.
 
     A draft's logprob is its search score (sharpened LLM log-probabilities interpolated with the n-gram
-    model, healing tokens included); drafts are ranked by its mean per token.
-
-    Without `ngram` the drafts are scored by the sharpened LLM distribution alone (SPD's `smoothing=None`).
-    `history` is the code before the cursor for n-gram contexts (default: read from the FIM prompt).
-    A `cancelled()` that turns true stops decoding and returns the drafts so far (timings["cancelled"] = 1).
+    model, healing tokens included); drafts are ranked by its mean per token. A `cancelled()` that turns
+    true stops decoding and returns the drafts so far (timings["cancelled"] = 1).
     """
     t0 = time.perf_counter()
-    rows, logits = prefill(decoder, prompt.ids, _copy(rows), position)
-    next_position = rows.length if position is None else position + len(prompt.ids)
-    t1 = time.perf_counter()
-    drafts = _Drafts(tokenizer, prompt, k, stop, healer)
-    history = list(history) if history is not None else code_before_cursor(prompt, tokenizer)
+    k, ngram, max_tokens = search.k, search.ngram, request.max_tokens
+    drafts = _Drafts(vocab, request, k)
+    history = list(search.history)
     stopped, steps, ngram_s = False, 0, 0.0
     for step in range(max_tokens):
         alive = drafts.alive
         shared: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # drafts differ only while healing
         for b in alive:
             if b.pending not in shared:
-                z = logits + drafts.healer.mask(b.pending) if b.pending else logits
-                top = _top(z, n_sample)  # softmax(z/τ) cut to its top n and renormalised = softmax(z[top]/τ)
-                zt = z[top] / temperature
+                z = logits + vocab.healer.mask(b.pending) if b.pending else logits
+                top = _top(z, search.n_sample)  # softmax(z/τ) cut to its top n and renormalised = softmax(z[top]/τ)
+                zt = z[top] / search.temperature
                 shared[b.pending] = top, zt - np.logaddexp.reduce(zt)
         tops = [shared[b.pending][0] for b in alive]
         top_lp = [shared[b.pending][1] for b in alive]
         if ngram is not None:
             tn = time.perf_counter()
-            scores = _interpolate(ngram, [history + b.ids for b in alive], tops, top_lp, alpha, ngram_floor)
+            scores = _interpolate(ngram, [history + b.ids for b in alive], tops, top_lp, search.alpha,
+                                  search.ngram_floor)
             ngram_s += time.perf_counter() - tn
         else:
             scores = top_lp
@@ -196,7 +185,7 @@ def superposed_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prom
         drafts.advance(candidates[: 2 * k])
         if drafts.settled() or step == max_tokens - 1:
             break
-        if cancelled is not None and cancelled():
+        if request.cancelled():
             stopped = True
             break
         # One row for all drafts: Σ γ_i E[last token of draft i], γ = softmax of the drafts' scores.
@@ -204,18 +193,14 @@ def superposed_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prom
         gamma = np.exp(scores_alive - scores_alive.max())
         gamma /= gamma.sum()
         ids = np.array([[b.ids[-1] for b in drafts.alive]], dtype=np.int64)  # [1, m]
-        out = decoder.forward(ids, np.array([next_position]), rows.keys, rows.values,
-                              mix_weights=gamma[None].astype(np.float32))
-        rows.append(out.keys, out.values)
+        out = cache.forward(decoder, ids, np.array([cache.position]), mix_weights=gamma[None].astype(np.float32))
+        cache.write(out.keys, out.values)
+        cache.position += 1
         logits = out.logits[-1]
-        next_position += 1
         steps += 1
-    t2 = time.perf_counter()
-    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "ngram_s": ngram_s, "forward_steps": float(steps),
-               "generated_tokens": float(steps + 1)}
-    if stopped:
-        timings["cancelled"] = 1.0
-    return GenerationResult(drafts.ranked(), timings, len(prompt.ids))
+    timings = {"decode_s": time.perf_counter() - t0, "ngram_s": ngram_s, "forward_steps": float(steps),
+               "generated_tokens": float(steps + 1), "cancelled": float(stopped)}
+    return GenerationResult(drafts.ranked(), timings)
 
 
 def _interpolate(ngram: NgramModel, contexts: list[list[int]], tops: list[np.ndarray], top_lp: list[np.ndarray],
@@ -244,26 +229,19 @@ def _interpolate(ngram: NgramModel, contexts: list[list[int]], tops: list[np.nda
     return out
 
 
-def batched_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt, *, k: int = DEFAULT_DRAFTS,
-                     max_tokens: int = 64, stop: StopRule | None = SINGLE_LINE, rows: KVRows | None = None,
-                     position: int | None = None, ngram: NgramModel | None = None,
-                     healer: TokenHealer | None = None, cancelled: Callable[[], bool] | None = None,
-                     search: Literal["beam", "branch"] = "beam", history: Sequence[int] | None = None,
-                     ) -> GenerationResult:
+def beam_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                request: DecodeRequest, k: int = DEFAULT_DRAFTS,
+                search: Literal["beam", "branch"] = "beam") -> GenerationResult:
     """The baseline: k drafts decoded for real, one forward per step with one row per alive draft.
 
     "beam": the k best (draft, token) pairs by summed log-probability survive each step. "branch": the k best
     first tokens, each continued greedily. A draft's logprob is its summed log-probability (healing tokens
-    included); drafts are ranked by its mean per token. `ngram` and `history` are accepted for a common
-    signature, unused.
+    included); drafts are ranked by its mean per token.
     """
-    del ngram, history
     t0 = time.perf_counter()
-    rows, logits = prefill(decoder, prompt.ids, _copy(rows), position)
-    prompt_rows = rows.length
-    next_position = rows.length if position is None else position + len(prompt.ids)
-    t1 = time.perf_counter()
-    drafts = _Drafts(tokenizer, prompt, k, stop, healer)
+    max_tokens = request.max_tokens
+    prompt_rows = cache.length
+    drafts = _Drafts(vocab, request, k)
     row_logits = logits[None]  # [alive, vocab]
     stopped, steps = False, 0
     for step in range(max_tokens):
@@ -276,29 +254,27 @@ def batched_complete(decoder: Decoder, tokenizer: CodeTokenizer, prompt: Prompt,
         drafts.advance(candidates if search == "branch" else candidates[: 2 * k])
         if drafts.settled() or step == max_tokens - 1:
             break
-        if cancelled is not None and cancelled():
+        if request.cancelled():
             stopped = True
             break
         alive = drafts.alive
-        tree = rows.length - prompt_rows  # draft rows already in the cache
+        tree = cache.length - prompt_rows  # draft rows already in the cache
         m = len(alive)
-        bias = np.full((m, rows.length + m), NEG_INF, dtype=np.float32)  # [new rows, past + new]
-        bias[:, :prompt_rows] = 0.0
+        row_bias = np.zeros((m, cache.length), dtype=np.float32)  # each row sees the prompt and its own draft
+        row_bias[:, prompt_rows:] = NEG_INF
+        new_bias = np.full((m, m), NEG_INF, dtype=np.float32)
         for j, beam in enumerate(alive):
-            bias[j, [prompt_rows + r for r in beam.rows]] = 0.0
-            bias[j, rows.length + j] = 0.0
+            row_bias[j, [prompt_rows + r for r in beam.rows]] = 0.0
+            new_bias[j, j] = 0.0
             beam.rows.append(tree + j)
         ids = np.array([b.ids[-1] for b in alive], dtype=np.int64)
-        positions = np.full(m, next_position, dtype=np.int64)
-        out = decoder.forward(ids, positions, rows.keys, rows.values, bias=bias,
-                              logits_index=np.arange(m, dtype=np.int64))
-        rows.append(out.keys, out.values)
+        positions = np.full(m, cache.position, dtype=np.int64)
+        out = cache.forward(decoder, ids, positions, new_bias=new_bias, row_bias=row_bias,
+                            logits_index=np.arange(m, dtype=np.int64))
+        cache.write(out.keys, out.values)
+        cache.position += 1
         row_logits = out.logits
-        next_position += 1
         steps += 1
-    t2 = time.perf_counter()
-    timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "forward_steps": float(steps),
-               "generated_tokens": float(steps + 1)}
-    if stopped:
-        timings["cancelled"] = 1.0
-    return GenerationResult(drafts.ranked(), timings, len(prompt.ids))
+    timings = {"decode_s": time.perf_counter() - t0, "forward_steps": float(steps),
+               "generated_tokens": float(steps + 1), "cancelled": float(stopped)}
+    return GenerationResult(drafts.ranked(), timings)

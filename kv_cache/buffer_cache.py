@@ -15,11 +15,26 @@ from typing import Protocol
 
 import numpy as np
 
-from inference.generate import PREFILL_CHUNK
-from inference.runtime import Decoder
+from inference.generate import PREFILL_CHUNK, DecodeCache
+from inference.runtime import Decoder, StepOutput
 from kv_cache.rotation import rerotate_keys
 
 SPLICE_MODES = ("pie", "conflict-fast", "full")
+# Rows whose next-token logits are kept from the forward that wrote them: the last few typed. Healing backs
+# off at most KEPT_LOGITS - 1 tokens (document.HEAL_TOKENS), so the row before them is among these.
+KEPT_LOGITS = 5
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Prompt rows a decode wrote after the document's rows (see BufferCache.lend), kept for the next
+    request at the same cursor: `key` names the prompt, `length`/`position` where it ended, `logits` after it."""
+
+    key: tuple
+    revision: int
+    length: int
+    position: int
+    logits: np.ndarray
 
 
 class SpliceLike(Protocol):
@@ -61,6 +76,9 @@ class BufferCache:
         self._ids = np.empty(capacity, np.int64)  # [capacity]
         self._positions = np.empty(capacity, np.int64)  # [capacity]: the position each row's key encodes
         self._stale = np.empty(capacity, bool)  # [capacity]: K/V may differ from a full re-encode
+        self.revision = 0  # counts changes to the rows; a lent decode cache's prompt rows are valid for one
+        self._logits: dict[int, np.ndarray] = {}  # row -> next-token logits [vocab] after rows [0, row]
+        self.prompt_rows: PromptRows | None = None
 
     # -- read access -------------------------------------------------------------------------------------
 
@@ -98,25 +116,66 @@ class BufferCache:
         return sum(a.nbytes for a in arrays)
 
     def past(self, upto: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Keys and values of rows [0, upto) per layer, contiguous [kv, upto, hd]: the past for a forward."""
+        """Views of the keys and values of rows [0, upto) per layer [kv, upto, hd]: the past for a forward."""
         upto = self._length if upto is None else upto
-        keys = [np.ascontiguousarray(k[:, :upto]) for k in self._keys]
-        values = [np.ascontiguousarray(v[:, :upto]) for v in self._values]
-        return keys, values
+        return [k[:, :upto] for k in self._keys], [v[:, :upto] for v in self._values]
 
     def rows(self, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Copies of the keys and values of rows [start, stop) per layer [kv, stop - start, hd]."""
-        return [k[:, start:stop].copy() for k in self._keys], [v[:, start:stop].copy() for v in self._values]
+        """Views of the keys and values of rows [start, stop) per layer [kv, stop - start, hd]."""
+        return [k[:, start:stop] for k in self._keys], [v[:, start:stop] for v in self._values]
 
-    def logits_after(self, ids_tail: Sequence[int]) -> np.ndarray:
-        """Logits [vocab] of the last of `ids_tail` run after the whole cache; the cache is left as it is.
+    def logits_at(self, row: int) -> tuple[np.ndarray, bool]:
+        """Next-token logits [vocab] after rows [0, row], and whether they had to be computed.
 
-        Keeping the prompt's last token out of the cache and feeding it here means its query always sees
-        the current context.
+        The forward that wrote a row (an edit's splice, an encode, a refresh) keeps its logits, so the
+        completion right after a keystroke needs no forward of its own. Otherwise the row is refreshed in
+        place: re-encoded against the rows before it, which also makes it exact when they are.
         """
-        tail = np.asarray(ids_tail, dtype=np.int64)
-        positions = np.arange(self.next_position, self.next_position + len(tail))
-        return self.decoder.forward(tail, positions, *self.past()).logits[-1]
+        if row in self._logits:
+            return self._logits[row], False
+        self.refresh(row, row + 1)
+        return self._logits[row], True
+
+    def lend(self, visible: int, room: int, position: int, prompt: tuple | None = None,
+             prompt_size: int = 0) -> tuple[DecodeCache, np.ndarray | None]:
+        """A decode cache over these buffers: rows [0, visible) seen, the rest hidden, new rows written after
+        the last row into spare capacity (at least `room` rows, grown here if needed, never by the decode).
+
+        With `prompt`, the key of prompt rows kept by `keep_prompt` since the last change, the cache resumes
+        after them and their logits come back; otherwise they are void (this decode writes over them) and
+        `prompt_size` more rows are reserved for the caller to write them again.
+        """
+        kept = self.prompt_rows
+        if kept is None or prompt is None or kept.key != prompt or kept.revision != self.revision \
+                or kept.length + room > self.capacity:
+            kept = None
+        self.prompt_rows = None
+        self._reserve(self._length + room + (0 if kept else prompt_size))
+        cache = DecodeCache(self._keys, self._values, self._length, position)
+        cache.hide(visible, self._length)
+        if kept is None:
+            return cache, None
+        self.prompt_rows = kept
+        cache.length, cache.position = kept.length, kept.position
+        return cache, kept.logits
+
+    def keep_prompt(self, key: tuple, cache: DecodeCache, logits: np.ndarray) -> None:
+        """Remember that `cache` (lent by `lend`) now ends with the prompt `key`, whose last logits are these."""
+        self.prompt_rows = PromptRows(key, self.revision, cache.length, cache.position, logits)
+
+    def _keep_logits(self, first: int, logits: np.ndarray) -> None:
+        """Keep the logits [n, vocab] of rows first.. (just written); the lowest rows give way."""
+        for j, row_logits in enumerate(logits):
+            self._logits[first + j] = row_logits
+        while len(self._logits) > KEPT_LOGITS:
+            del self._logits[min(self._logits)]
+
+    def _changed(self, first_row: int) -> None:
+        """Rows from `first_row` on were rewritten or moved: logits after them and lent prompt rows are void."""
+        self.revision += 1
+        self.prompt_rows = None
+        for row in [r for r in self._logits if r >= first_row]:
+            del self._logits[row]
 
     @classmethod
     def from_rows(cls, decoder: Decoder, ids: np.ndarray, positions: np.ndarray, stale: np.ndarray,
@@ -143,14 +202,16 @@ class BufferCache:
     def encode(self, ids: Sequence[int]) -> None:
         """Replace the cache by a fresh prefill of `ids` at positions 0..n-1, in chunks like generate.prefill."""
         ids = np.asarray(ids, dtype=np.int64)
+        self._changed(0)
         self._length = 0
         self._reserve(len(ids))
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK]
             positions = np.arange(start, start + len(chunk))
-            out = self.decoder.forward(chunk, positions, *self.past(start))
+            out = self._forward(chunk, positions, start)
             self._write(start, chunk, positions, out.keys, out.values, stale=False)
             self._length = start + len(chunk)
+            self._keep_logits(self._length - 1, out.logits[-1:])
 
     def refresh(self, start: int, stop: int) -> int:
         """Re-encode rows [start, stop) in place against the rows before them, at their current positions.
@@ -162,8 +223,10 @@ class BufferCache:
         if not 0 <= start < stop:
             return 0
         ids, positions = self._ids[start:stop].copy(), self._positions[start:stop].copy()
-        out = self.decoder.forward(ids, positions, *self.past(start))
+        out = self._forward(ids, positions, start)
+        self._changed(start)
         self._write(start, ids, positions, out.keys, out.values, stale=bool(self._stale[:start].any()))
+        self._keep_logits(stop - 1, out.logits[-1:])
         return stop - start
 
     def apply(self, splice: SpliceLike, mode: str = "pie") -> SpliceStats:
@@ -191,8 +254,11 @@ class BufferCache:
         forward_s = 0.0
         if m:
             positions = np.arange(start, start + m)
-            out = self.decoder.forward(new, positions, *self.past(start))
+            # logits for the last few new rows: typing re-tokenizes the word at the cursor, and its completion
+            # needs the logits after the token before that word, often the splice's second-to-last row
+            out = self._forward(new, positions, start, logits_for=min(m, KEPT_LOGITS))
             forward_s = time.perf_counter() - t0
+        self._changed(start)
 
         delta = m - (stop - start)
         later, tail = start + m, n - stop  # later rows move from [stop, n) to [later, later + tail)
@@ -200,6 +266,7 @@ class BufferCache:
         self._move_rows(stop, n, later)
         if m:
             self._write(start, new, positions, out.keys, out.values, stale=bool(self._stale[:start].any()))
+            self._keep_logits(start + m - len(out.logits), out.logits)
         self._length = n + delta
 
         t1 = time.perf_counter()
@@ -219,6 +286,8 @@ class BufferCache:
         rows = max(self._length, 1)
         if rows == self.capacity:
             return
+        self.prompt_rows = None  # they lived in the capacity being freed
+        self._logits.clear()  # an idle cache: its next completion can afford one forward
         self._keys = [k[:, :rows].copy() for k in self._keys]
         self._values = [v[:, :rows].copy() for v in self._values]
         self._ids, self._positions, self._stale = (a[:rows].copy()
@@ -229,6 +298,7 @@ class BufferCache:
         if rows <= self.capacity:
             return
         capacity, n = max(rows, 2 * self.capacity), self._length
+        self.prompt_rows = None  # they are not copied
         self._keys = [_grow_rows(k, capacity, n) for k in self._keys]
         self._values = [_grow_rows(v, capacity, n) for v in self._values]
         self._ids, self._positions, self._stale = (_grow_rows(a, capacity, n)
@@ -243,6 +313,11 @@ class BufferCache:
             buf[:, dst:dst + count] = buf[:, src:src_stop]
         for arr in (self._ids, self._positions, self._stale):
             arr[dst:dst + count] = arr[src:src_stop]
+
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, start: int, logits_for: int = 1) -> StepOutput:
+        """Encode `ids` after rows [0, start) (read in place, not copied), with logits for the last few."""
+        index = np.arange(len(ids) - logits_for, len(ids), dtype=np.int64)
+        return self.decoder.forward(ids, positions, *self.past(start), logits_index=index)
 
     def _write(self, start: int, ids: np.ndarray, positions: np.ndarray, keys: list[np.ndarray],
                values: list[np.ndarray], *, stale: bool) -> None:

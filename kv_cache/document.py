@@ -23,21 +23,22 @@ them left to right in small chunks when there is nothing better to do.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference.generate import KVRows
+from inference.generate import DecodeCache, prefill
 from inference.runtime import Decoder
 from inference.tokenizer import CodeTokenizer
-from kv_cache.buffer_cache import BufferCache, SpliceStats
+from kv_cache.buffer_cache import KEPT_LOGITS, BufferCache, SpliceStats
 from kv_cache.edits import TextEdit
 from kv_cache.rotation import rerotate_keys
 from kv_cache.splice import TokenizedText, TokenSplice, apply_edits
 from kv_cache.store import BufferStore
 
+HEAL_TOKENS = KEPT_LOGITS - 1  # most tokens healing backs off inside a word
 HISTORY_TOKENS = 16  # document tokens before the cursor that n-gram contexts may need
 ENCODE_CHUNK = 32  # tokens per idle step: a request waits for at most one chunk (~0.3 s on 2 cores)
 
@@ -53,17 +54,16 @@ class WindowBudget:
 
 @dataclass
 class CursorContext:
-    """What a decoder needs to complete at a cursor: feed `tail` at `position` after `rows`."""
+    """What a decoder needs to complete at a cursor: the prompt's rows in `cache` and the logits after it."""
 
-    rows: KVRows
-    tail: list[int]
-    position: int
+    cache: DecodeCache | None  # None (and logits None) when there is nothing to complete from
+    logits: np.ndarray | None  # [vocab]: the next token's logits after the prompt
     healed: bytes  # the text between the last whole prefix token and the cursor, for token healing
     prefix: str  # the document before / after the cursor (for stopping rules)
     suffix: str
-    prefix_rows: int  # rows[:prefix_rows] are the prompt's prefix (marker included), the rest its suffix
+    prefix_rows: int  # rows[:prefix_rows] are the prompt's prefix (marker included)
     reused: int  # rows taken from the cache
-    encoded: int  # tokens run through the model to build the context (tail excluded)
+    encoded: int  # tokens run through the model to build the context
     history: list[int] = field(default_factory=list)  # the last document tokens before the healed ones
 
 
@@ -237,11 +237,16 @@ class DocumentCache:
 
     # -- completion context ------------------------------------------------------------------------------
 
-    def context(self, offset: int, *, with_suffix: bool = True) -> CursorContext:
-        """Rows and tail ids to complete at character `offset`, borrowing rows for the prefix and the suffix.
+    def context(self, offset: int, *, with_suffix: bool = True, room: int = 0, inserted: str = "") -> CursorContext:
+        """The prompt at character `offset` over the document's own rows (lent, not copied), with room for
+        `room` rows of decoding after it; with `inserted`, the prompt as if that text had been typed at
+        `offset` (its tokens go after the rows, the document is not changed).
 
-        Without FIM tokens, or with `with_suffix=False`, the prompt is the prefix alone and its last token
-        is the tail (prefix layout).
+        Prefix layout (no FIM tokens, or `with_suffix=False`): the prompt is the rows before the healed
+        tokens, and its logits are those the edit's forward left for its last row (no forward at all right
+        after a keystroke). FIM: `<|fim_suffix|>`, the split token's rest, the next suffix rows rotated to
+        follow it, and `<|fim_middle|>` are written after the document's rows; a second request at the same
+        cursor with no edit in between reuses them.
         """
         if not 0 <= offset <= len(self.doc.text):
             raise ValueError(f"cursor offset {offset} is outside the document's {len(self.doc.text)} characters")
@@ -251,36 +256,70 @@ class DocumentCache:
             split = ""  # the cursor sits between two tokens
         else:
             split = text[offset:starts[after] if after < len(starts) else len(text)]
-        # Heal back to the first token of the character run before the cursor.
-        whole = bisect_left(starts, starts[after - 1]) if after else 0
-        healed = text[starts[whole]:offset].encode("utf-8") if after else b""
+        whole = heal_start(text, starts, offset, after)
+        typed = text[starts[whole]:offset] if after else ""  # what healing backs off
+        extra: list[int] = []  # prompt tokens of the inserted text, after the document's rows
+        if inserted:
+            tail = TokenizedText.encode(typed + inserted, self.tokenizer)
+            cut = heal_start(tail.text, tail.starts, len(tail.text), len(tail.ids))
+            extra, typed = tail.ids[:cut], tail.text[tail.starts[cut]:]
+        healed = typed.encode("utf-8")
         self.focus(whole)
         rows = self.ensure_rows()
         prefix_rows = self._row(max(whole, self.lo))
-        prefix, suffix = text[:offset], text[offset:]
-        history = self.doc.ids[max(0, whole - HISTORY_TOKENS):whole]
+        prefix, suffix = text[:offset] + inserted, text[offset:]
+        history = (self.doc.ids[max(0, whole - HISTORY_TOKENS):whole] + extra)[-HISTORY_TOKENS:]
+        positions = rows.positions
+        position = int(positions[prefix_rows - 1]) + 1 if prefix_rows else 0
         if not self.fim or not with_suffix:
-            if not prefix_rows:
-                return CursorContext(KVRows(*rows.past(0)), [], 0, healed, prefix, suffix, 0, 0, 0, history)
-            last = prefix_rows - 1
-            return CursorContext(KVRows(*rows.past(last)), [int(rows.ids[last])], int(rows.positions[last]), healed,
-                                 prefix, suffix, last, last, 0, history)
-        past = KVRows(*rows.past(prefix_rows))
-        position = int(rows.positions[prefix_rows - 1]) + 1 if prefix_rows else 0
-
-        head = [self.fim[1], *self.tokenizer.encode(split)] if split else [self.fim[1]]
-        out = self.decoder.forward(np.asarray(head), np.arange(position, position + len(head)), past.keys,
-                                   past.values)
-        past.append(out.keys, out.values)
-        position += len(head)
+            if not prefix_rows and not extra:
+                return CursorContext(None, None, healed, prefix, suffix, 0, 0, 0, history)
+            if extra:
+                cache, _ = rows.lend(prefix_rows, room + len(extra), position)
+                logits = prefill(self.decoder, cache, extra)
+                return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, prefix_rows, len(extra),
+                                     history)
+            logits, computed = rows.logits_at(prefix_rows - 1)
+            cache, _ = rows.lend(prefix_rows, room, position)
+            return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, prefix_rows, int(computed),
+                                 history)
         first = self._row(max(after, self.lo))
         last = min(len(rows), first + self.budget.suffix) if after < self.hi else first
+        head = [*extra, self.fim[1], *self.tokenizer.encode(split)] if split else [*extra, self.fim[1]]
+        key = (prefix_rows, first, last, split, inserted)
+        cache, logits = rows.lend(prefix_rows, room, position, prompt=key, prompt_size=len(head) + last - first + 1)
+        reused = prefix_rows + last - first
+        if logits is not None:
+            return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, 0, history)
+        prefill(self.decoder, cache, head)
         if last > first:
             keys, values = rows.rows(first, last)
-            shift = position + np.arange(last - first) - rows.positions[first:last]
+            start = cache.length
+            cache.write(keys, values)
+            shift = cache.position + np.arange(last - first) - positions[first:last]
             cfg = self.decoder.config
-            keys = [rerotate_keys(k, shift, cfg.head_dim, cfg.rope_theta) for k in keys]
-            past.append(keys, values)
-            position += last - first
-        return CursorContext(past, [self.fim[2]], position, healed, prefix, suffix, prefix_rows,
-                             prefix_rows + last - first, len(head), history)
+            for k in cache.keys:
+                rerotate_keys(k[:, start:cache.length], shift, cfg.head_dim, cfg.rope_theta, in_place=True)
+            cache.position += last - first
+        logits = prefill(self.decoder, cache, [self.fim[2]])
+        rows.keep_prompt(key, cache, logits)
+        return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, len(head) + 1, history)
+
+
+def heal_start(text: str, starts: Sequence[int], offset: int, after: int) -> int:
+    """The first token healing backs off for a cursor at `offset` (`after`: the first token starting at or
+    after it): the one holding the start of the word the cursor is in (at most HEAL_TOKENS back), else the
+    last token before the cursor; a character split over byte tokens is backed off whole. Keeping part of
+    a word as prompt tokens ("He" + "a" for "Hea") shows the model a tokenization it never saw, and it
+    misspells the word."""
+    if not after:
+        return 0
+    word = offset
+    while word > 0 and _is_word_char(text[word - 1]):
+        word -= 1
+    first = after - 1 if word == offset else max(bisect_right(starts, word) - 1, after - HEAL_TOKENS, 0)
+    return bisect_left(starts, starts[first])
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from inference.config import UnsupportedModel
 from inference.fetch import ModelFetchError, cache_root, cached_gguf
-from inference.generate import SINGLE_LINE, greedy_complete
 from inference.model_store import ModelLoadError, load_model, prepare_model
-from inference.prompt import fim_prompt
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL, MODELS, get_model
 from inference.runtime import ProviderUnavailable
 from inference.tokenizer import UnsupportedTokenizer
+from lsp_server.completer import Completer
 from lsp_server.cursor import InputError, parse_location, read_source, split_at
+from lsp_server.options import MAX_DRAFTS, ServerOptions
+
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing")  # each a module bench.<suite> with main(argv)
+# LSP language ids by file extension, for the syntax rules (an editor sends the id itself)
+LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
+                ".tsx": "typescriptreact", ".jsx": "javascriptreact", ".go": "go", ".rs": "rust", ".c": "c",
+                ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java", ".rb": "ruby",
+                ".sh": "shellscript", ".lua": "lua"}
 
 USER_ERRORS = (InputError, ModelFetchError, ModelLoadError, ProviderUnavailable, UnsupportedModel, UnsupportedTokenizer,
                LookupError)
@@ -31,19 +39,24 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
+    """The editor's pipeline at one cursor: the same Completer and settings as `superpie serve`, so this
+    prints the first suggestion an editor gets for an explicit (Invoked) request there."""
     path, line, column = parse_location(args.location)
-    cursor = split_at(read_source(path), line, column)  # validate input before the slow model load
-    model = load_model(args.model, args.quantization, cache=args.cache_dir, progress=not args.quiet,
+    source = read_source(path)
+    cursor = split_at(source, line, column)  # validate input before the slow model load
+    settings = ServerOptions(model=args.model, quantization=args.quantization, max_tokens=args.max_tokens,
+                             drafts=args.drafts, **({"scope": "multi"} if args.multi_line else {}))
+    model = load_model(settings.model, settings.quantization, cache=args.cache_dir, progress=not args.quiet,
                        threads=args.threads, device=args.device)
-    prompt = fim_prompt(model.tokenizer, cursor.prefix, cursor.suffix)
-    result = greedy_complete(model.decoder, model.tokenizer, prompt, max_tokens=args.max_tokens,
-                             stop=None if args.multi_line else SINGLE_LINE)
+    completer = Completer(model, cache_mode=settings.cache_mode, budget_mb=settings.memory_budget_mb)
+    uri = path.resolve().as_uri()
+    completer.open(uri, source, LANGUAGE_IDS.get(path.suffix.lower(), "plaintext"))
+    outcome = completer.complete(uri, len(cursor.prefix), settings.completion(settings.request_drafts(invoked=True)))
     if args.json:
-        timings = {**model.timings, **result.timings, "prompt_tokens": result.prompt_tokens}
-        print(json.dumps({"drafts": [{"text": d.text, "score": d.score} for d in result.drafts],
-                          "timings": timings}))
-    else:
-        print(result.drafts[0].text)
+        print(json.dumps({"drafts": [{"text": s.text, "score": s.score} for s in outcome.suggestions],
+                          "timings": {**model.timings, **outcome.timings}}))
+    elif outcome.suggestions:
+        print(outcome.suggestions[0].text)
     return 0
 
 
@@ -70,36 +83,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.suite == "decode":
-        from bench.decode import run_decode_bench
-        from bench.pie import DEFAULT_DATA
-
-        run_decode_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit or 12,
-                         json_out=args.json_out, cache=args.cache_dir)
-        return 0
-    if args.suite == "fim":
-        from bench.fim import run_fim_bench
-        from bench.pie import DEFAULT_DATA
-
-        run_fim_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit or 20, json_out=args.json_out,
-                      cache=args.cache_dir)
-        return 0
-    if args.suite == "pie":
-        from bench.pie import DEFAULT_DATA, run_pie_bench
-
-        run_pie_bench(args.model, data=args.data or DEFAULT_DATA, limit=args.limit, json_out=args.json_out,
-                      cache=args.cache_dir)
-        return 0
-    if args.suite == "lsp":
-        from bench.lsp import run_lsp_bench, stdlib_files
-
-        run_lsp_bench(args.model, json_out=args.json_out, cache=args.cache_dir,
-                      sources=stdlib_files(args.limit or (1 if args.quick else 2)), repeats=1 if args.quick else 2)
-        return 0
-    from bench.engine import run_engine_bench
-
-    run_engine_bench(args.model, json_out=args.json_out, cache=args.cache_dir, quick=args.quick)
-    return 0
+    """`superpie bench SUITE [OPTIONS]` runs bench.SUITE's own command line (imported only now, so the
+    product command never loads the benchmarks)."""
+    argv = list(args.options)
+    if args.cache_dir is not None and "--cache" not in argv:
+        argv = ["--cache", str(args.cache_dir), *argv]
+    return importlib.import_module(f"bench.{args.suite}").main(argv)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -128,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     complete = sub.add_parser("complete", help="print a completion at FILE:LINE:COL (1-based)")
     complete.add_argument("location", metavar="FILE:LINE:COL")
-    complete.add_argument("--max-tokens", type=int, default=64)
+    complete.add_argument("--max-tokens", type=int, default=ServerOptions.max_tokens)
+    complete.add_argument("--drafts", type=int, default=ServerOptions.drafts, choices=range(1, MAX_DRAFTS + 1),
+                          metavar="N", help=f"drafts to decode (default {ServerOptions.drafts}, as for an editor's "
+                                            "explicit request)")
     complete.add_argument("--multi-line", action="store_true", help="do not stop at the end of the line")
     complete.add_argument("--json", action="store_true", help='print {"drafts": [...], "timings": {...}}')
     _model_options(complete)
@@ -150,16 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
-    bench.add_argument("suite", choices=["engine", "pie", "fim", "decode", "lsp"])
-    bench.add_argument("--model", default=DEFAULT_MODEL)
-    bench.add_argument("--json", dest="json_out", type=Path, default=None, help="write the JSON summary here")
-    bench.add_argument("--quick", action="store_true",
-                       help="engine: fewer repetitions and sizes (smoke test); lsp: 1 file, 1 keystroke per case")
-    bench.add_argument("--data", type=Path, default=None,
-                       help="pie, fim, decode: edits file, JSON lines (default: the dev set)")
-    bench.add_argument("--limit", type=int, default=None,
-                       help="pie, fim: only the first N records (fim: 20 by default); lsp: N files (2)")
+    bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON); "
+                                         "`superpie bench SUITE --help` lists its options")
+    bench.add_argument("suite", choices=BENCH_SUITES)
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from inference.drafting import Recycler
-from inference.generate import GenerationResult, greedy_complete
-from inference.healing import TokenHealer
+from inference.generate import DecodeRequest, GenerationResult, greedy_decode, vocabulary
 from inference.model_store import LoadedModel
 from inference.ngram import NgramModel
-from inference.prompt import Prompt
-from inference.speculative import speculative_complete
-from inference.superposed import batched_complete, superposed_complete
-from inference.syntax import SyntaxStop, finish
+from inference.speculative import TREE_NODES, Drafter, speculative_decode
+from inference.superposed import SuperposedSearch, beam_decode, superposed_decode
+from inference.syntax.finish import finish
+from inference.syntax.stop import SyntaxStop
 from kv_cache.buffer_cache import SPLICE_MODES
 from kv_cache.document import CursorContext, DocumentCache
 from kv_cache.edits import TextEdit
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 REFRESH_POLICIES = ("off", "idle", "threshold")
 LAYOUTS = ("auto", "fim", "prefix")
-DRAFT_METHODS = ("superposed", "batched")
 LOOKUP_BUFFERS = 4  # other open documents that speculative decoding may copy drafts from
 SCOPES = ("auto", "single", "multi")
 
@@ -64,6 +62,11 @@ def _never() -> bool:
     return False
 
 
+def decode_rows(options: CompletionOptions) -> int:
+    """Rows a decode may write after the prompt: one per token and draft, plus a verification tree."""
+    return options.max_tokens * max(options.drafts, 1) + TREE_NODES
+
+
 def uses_suffix(layout: str, text: str, offset: int) -> bool:
     """Whether the prompt includes the text after the cursor (FIM) or ends at the cursor (prefix layout).
 
@@ -88,8 +91,7 @@ class Completer:
         self.languages: dict[str, str] = {}
         self.cache_mode, self.refresh, self.refresh_threshold = "pie", "idle", refresh_threshold
         self.configure(cache_mode=cache_mode, refresh=refresh)
-        special = model.tokenizer.specials.stop
-        self.healer = TokenHealer(model.tokenizer.token_bytes(), special)
+        self.vocab = vocabulary(model.tokenizer)
         self._latencies: deque[float] = deque(maxlen=512)
         self._recent: deque[dict[str, float]] = deque(maxlen=64)  # per-call timings, for bench/lsp.py
         self._calls = 0
@@ -141,18 +143,27 @@ class Completer:
     def complete(self, uri: str, offset: int, options: CompletionOptions,
                  cancelled: Callable[[], bool] = _never) -> CompletionOutcome:
         """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
+        return self.complete_after(uri, offset, "", options, cancelled)
+
+    def complete_after(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
+                       cancelled: Callable[[], bool] = _never) -> CompletionOutcome:
+        """The drafts at offset + len(inserted) as if `inserted` had been typed at `offset` (a prefetch for
+        accepting a suggestion), leaving the document as it is."""
         doc = self._doc(uri)
         t0 = time.perf_counter()
         edits_s, self._edits_s = self._edits_s, 0.0
-        ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset))
+        ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset),
+                          room=decode_rows(options), inserted=inserted)
         t1 = time.perf_counter()
         self._reused += ctx.reused
         self._encoded += ctx.encoded
-        if not ctx.tail or cancelled():
-            return self._outcome([], {"edits_s": edits_s, "context_s": t1 - t0}, cancelled())
+        timings = {"edits_s": edits_s, "context_s": t1 - t0, "prompt_tokens": float(ctx.encoded)}
+        if ctx.cache is None or ctx.logits is None or cancelled():
+            return self._outcome([], timings, cancelled())
         language = self.languages[uri]
         stop = SyntaxStop(ctx.prefix, ctx.suffix, None if options.scope == "auto" else options.scope, language)
-        result = self._decode(uri, ctx, options, stop, cancelled)
+        request = DecodeRequest(options.max_tokens, stop, ctx.healed, cancelled)
+        result = self._decode(uri, ctx, options, request)
         stopped = bool(result.timings.get("cancelled"))
         total = time.perf_counter() - t0
         if not stopped:
@@ -163,26 +174,23 @@ class Completer:
             if text.strip():
                 kept.setdefault(text, draft.score)  # finish can make two drafts equal: keep the first (best)
         suggestions = [Suggestion(text, score) for text, score in kept.items()]
-        timings = {"edits_s": edits_s, "context_s": t1 - t0, **result.timings, "total_s": total}
-        return self._outcome(suggestions, timings, stopped)
+        return self._outcome(suggestions, {**timings, **result.timings, "total_s": total}, stopped)
 
-    def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions, stop: SyntaxStop,
-                cancelled: Callable[[], bool]) -> GenerationResult:
-        """One draft (speculative or greedy: the same tokens) or k drafts (batched or superposed)."""
-        model, prompt = self.model, Prompt(ctx.tail, ctx.healed)
-        common = {"max_tokens": options.max_tokens, "stop": stop, "healer": self.healer, "rows": ctx.rows,
-                  "position": ctx.position, "cancelled": cancelled}
+    def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions,
+                request: DecodeRequest) -> GenerationResult:
+        """One draft (speculative or greedy: the same tokens) or k drafts (beam search or superposed)."""
+        decoder, vocab, cache, logits = self.model.decoder, self.vocab, ctx.cache, ctx.logits
         if options.drafts > 1 and self.draft_method == "superposed":
-            return superposed_complete(model.decoder, model.tokenizer, prompt, k=options.drafts,
-                                       ngram=self._ngram_with(uri), history=ctx.history, **common)
+            search = SuperposedSearch(options.drafts, self._ngram_with(uri), ctx.history)
+            return superposed_decode(decoder, vocab, cache, logits, request, search)
         if options.drafts > 1:
-            return batched_complete(model.decoder, model.tokenizer, prompt, k=options.drafts, **common)
+            return beam_decode(decoder, vocab, cache, logits, request, options.drafts)
         if options.speculative:
             corpus = [self.docs[uri].ids, *(self.docs[u].ids for u in self.store.lru_order()[-LOOKUP_BUFFERS:]
                                             if u != uri and u in self.docs)]
-            return speculative_complete(model.decoder, model.tokenizer, prompt, lookup_corpus=corpus,
-                                        recycler=self.recycler, **common)
-        return greedy_complete(model.decoder, model.tokenizer, prompt, **common)
+            return speculative_decode(decoder, vocab, cache, logits, request,
+                                      Drafter(self.recycler, ctx.history, corpus))
+        return greedy_decode(decoder, vocab, cache, logits, request)
 
     def _ngram_with(self, uri: str) -> NgramModel | None:
         """The n-gram model with this document's current counts in its overlay (None until built)."""

@@ -35,6 +35,7 @@ class ServerOptions:
     cache_mode: str = "pie"  # "pie" | "conflict-fast" | "full"
     memory_budget_mb: float = 1024.0
     refresh: str = "idle"  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
+    prefetch: bool = True  # while the model is idle, compute the suggestion that follows accepting the shown one
     log_level: str = "info"
 
     def model_identity(self) -> tuple[str, str]:
@@ -110,6 +111,7 @@ _CHECKS = {
     "cache_mode": _choice(SPLICE_MODES),
     "memory_budget_mb": _positive_number(1 << 20),
     "refresh": _choice(REFRESH_POLICIES),
+    "prefetch": _flag,
     "log_level": _choice(LOG_LEVELS),
 }
 

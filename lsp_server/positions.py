@@ -15,7 +15,6 @@ from kv_cache.edits import TextEdit
 
 UTF16 = "utf-16"
 UTF8 = "utf-8"
-ENCODINGS = (UTF16, UTF8)
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -106,7 +105,6 @@ def range_to_edit(text: str, rng: types.Range, new_text: str, encoding: str) -> 
     return TextEdit(start, end, new_text)
 
 
-def line_end(text: str, offset: int) -> int:
-    """Offset of the line break (or text end) after `offset`."""
-    brk = _LINE_BREAK.search(text, offset)
-    return brk.start() if brk else len(text)
+def same_line(text: str, a: int, b: int) -> bool:
+    """Whether code-point offsets `a` and `b` are on one line: no line break between them."""
+    return _LINE_BREAK.search(text, min(a, b), max(a, b)) is None

@@ -5,7 +5,7 @@
   and only request ids are ever popped. Here every future is forgotten once done.
 - A request whose params do not structure got no answer at all (the reader loop only logged it), so the
   client waited forever. Here it gets an InvalidParams error; a bad notification is logged and dropped.
-- Text sync: the documents live in the server (`SuperpieServer.documents`), not in pygls' workspace, so
+- Text sync: the documents live in the server's session (`Session.documents`), not in pygls' workspace, so
   the builtin didOpen/didChange/didClose only dispatch. pygls' copy would double the memory and apply
   ranges by its own rules.
 - Capabilities: the position encoding the server chose, no completion provider for clients that show

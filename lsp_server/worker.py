@@ -3,8 +3,11 @@
 The event loop never waits on the model; it submits jobs and awaits their futures. Edits are jobs too, so
 they reach the completer in the order the client sent them. A job carries an optional cancel event that a
 newer request, an edit or `$/cancelRequest` sets; the job's own code checks it between decode steps, and a
-job still queued when cancelled is skipped. With nothing queued, the worker runs short idle steps (cache
-refresh), so a new job waits at most one step.
+job still queued when cancelled is skipped.
+
+With nothing queued, the worker does idle work: an idle-priority job if one waits (a prefetch), else short
+idle steps (cache refresh). Idle work yields to every job: a job submitted while an idle job runs stops it at
+its next check, and one that has not started is dropped, so the job waits for one step of it at most.
 """
 
 from __future__ import annotations
@@ -29,19 +32,19 @@ class Job:
     run: Callable[[], Any]
     future: Future = field(default_factory=Future)
     kind: str = "task"
-    uri: str | None = None
     cancel: threading.Event | None = None
+    stop: Callable[[], None] | None = None  # an idle-priority job's: makes `run` return at its next check
 
 
 class ModelWorker:
     def __init__(self, idle_step: Callable[[], bool] | None = None, name: str = "superpie-model") -> None:
         self._idle_step = idle_step
         self._queue: deque[Job] = deque()
+        self._idle_job: Job | None = None  # the idle-priority job waiting to run
         self._wake = threading.Condition()
         self._running: Job | None = None
         self._stopping = False
         self._idle_work = True  # whether the last idle step said more remains
-        self.idle_delay = IDLE_DELAY_S
         self._last_job = 0.0  # time.monotonic() when the last job finished
         self.idle_seconds = 0.0  # time spent in idle steps (statistics)
         self.jobs_done = 0
@@ -50,38 +53,46 @@ class ModelWorker:
 
     # -- called from the event loop ----------------------------------------------------------------------
 
-    def submit(self, run: Callable[[], Any], *, kind: str = "task", uri: str | None = None,
-               cancel: threading.Event | None = None, front: bool = False) -> Future:
-        job = Job(run, kind=kind, uri=uri, cancel=cancel)
+    def submit(self, run: Callable[[], Any], *, kind: str = "task", cancel: threading.Event | None = None,
+               front: bool = False) -> Future:
+        job = Job(run, kind=kind, cancel=cancel)
         with self._wake:
             if self._stopping:
                 job.future.set_exception(RuntimeError("the model worker has stopped"))
                 return job.future
             (self._queue.appendleft if front else self._queue.append)(job)
+            waiting, running = self._take_idle_jobs()
             self._wake.notify()
+        _yield(waiting, running)
         return job.future
 
-    def cancel(self, uri: str, kinds: tuple[str, ...]) -> int:
-        """Set the cancel event of queued and running jobs of `uri` with one of `kinds`; how many there were."""
+    def submit_idle(self, run: Callable[[], Any], *, kind: str, cancel: threading.Event,
+                    stop: Callable[[], None]) -> Future:
+        """An idle-priority job: it starts only when no job waits, once the idle delay has passed, and yields to
+        every job submitted before it ends (a newer idle job too). `stop` must set `cancel` and make `run` return
+        at its next check."""
+        job = Job(run, kind=kind, cancel=cancel, stop=stop)
         with self._wake:
-            jobs = [*self._queue, *([self._running] if self._running else [])]
-        hit = 0
-        for job in jobs:
-            if job.uri == uri and job.kind in kinds and job.cancel is not None and not job.cancel.is_set():
-                job.cancel.set()
-                hit += 1
-        return hit
+            if self._stopping:
+                job.future.set_exception(RuntimeError("the model worker has stopped"))
+                return job.future
+            waiting, running = self._take_idle_jobs()
+            self._idle_job = job
+            self._wake.notify()
+        _yield(waiting, running)
+        return job.future
 
-    @property
-    def busy(self) -> bool:
-        """A job (not an idle step) is running or waiting."""
-        with self._wake:
-            return self._running is not None or bool(self._queue)
+    def _take_idle_jobs(self) -> tuple[Job | None, Job | None]:
+        """The waiting idle job (no longer waiting) and the running one, which a new job makes yield (locked)."""
+        waiting, self._idle_job = self._idle_job, None
+        running = self._running if self._running is not None and self._running.stop is not None else None
+        return waiting, running
 
     def has_work(self, kinds: tuple[str, ...]) -> bool:
         """A job of one of `kinds` is running or waiting."""
         with self._wake:
-            jobs = [*self._queue, *([self._running] if self._running else [])]
+            jobs = [*self._queue, *([self._running] if self._running else []),
+                    *([self._idle_job] if self._idle_job else [])]
         return any(job.kind in kinds for job in jobs)
 
     def running_kind(self) -> str | None:
@@ -102,12 +113,12 @@ class ModelWorker:
     def stop(self, timeout: float = 5.0) -> None:
         with self._wake:
             self._stopping = True
-            pending = list(self._queue)
+            pending = [*self._queue, *([self._idle_job] if self._idle_job else [])]
             self._queue.clear()
+            self._idle_job = None
             self._wake.notify()
         for job in pending:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_result(SKIPPED)
+            _skip(job)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -117,16 +128,19 @@ class ModelWorker:
         while True:
             with self._wake:
                 while not self._queue and not self._stopping:
-                    if not (self._idle_work and self._idle_step):
+                    if self._idle_job is None and not (self._idle_work and self._idle_step):
                         self._wake.wait()
                         continue
-                    wait = self._last_job + self.idle_delay - time.monotonic()
+                    wait = self._last_job + IDLE_DELAY_S - time.monotonic()
                     if wait <= 0:
                         break
                     self._wake.wait(wait)
                 if self._stopping:
                     return
-                job = self._queue.popleft() if self._queue else None
+                if self._queue:
+                    job = self._queue.popleft()
+                else:
+                    job, self._idle_job = self._idle_job, None
                 self._running = job
             if job is None:
                 self._idle()
@@ -163,3 +177,17 @@ class ModelWorker:
         self.idle_seconds += time.perf_counter() - t0
         with self._wake:
             self._idle_work = more  # a job that arrives meanwhile sets it again when it finishes
+
+
+def _skip(job: Job) -> None:
+    if job.future.set_running_or_notify_cancel():
+        job.future.set_result(SKIPPED)
+
+
+def _yield(waiting: Job | None, running: Job | None) -> None:
+    """Make idle jobs give way (outside the lock: `stop` is the submitter's code): a waiting one never starts."""
+    for job in (waiting, running):
+        if job is not None and job.stop is not None:
+            job.stop()
+    if waiting is not None:
+        _skip(waiting)

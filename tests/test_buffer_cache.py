@@ -7,9 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from inference.generate import prefill
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.rotation import rerotate_keys
+from inference.generate import prefill
+from tests.decoding import logits_after
+from tests.decoding import start as fresh_prefill
 from tests.fixtures import cpython_text
 
 DOC_TOKENS = 240
@@ -50,6 +52,12 @@ def _cache(model, ids: list[int], capacity: int = 1024) -> BufferCache:
     cache = BufferCache(model.decoder, capacity)
     cache.encode(ids)
     return cache
+
+
+def _snapshot(cache: BufferCache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Copies of the rows (past() gives views, which later edits would change under the test)."""
+    keys, values = cache.past()
+    return [k.copy() for k in keys], [v.copy() for v in values]
 
 
 def _assert_rows_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
@@ -135,9 +143,9 @@ def test_in_place_drift_after_1000_rotations_is_small(tiny_model, doc):
 
 def test_encode_matches_prefill(tiny_model, doc):
     cache = _cache(tiny_model, doc)
-    rows, _ = prefill(tiny_model.decoder, doc)
-    _assert_rows_equal(cache.past()[0], rows.keys)
-    _assert_rows_equal(cache.past()[1], rows.values)
+    rows, _ = fresh_prefill(tiny_model, list(doc))
+    _assert_rows_equal(cache.past()[0], rows.past()[0])
+    _assert_rows_equal(cache.past()[1], rows.past()[1])
     assert cache.ids.tolist() == doc and len(cache) == len(doc)
     np.testing.assert_array_equal(cache.positions, np.arange(len(doc)))
     assert cache.next_position == len(doc) and not cache.stale.any()
@@ -147,9 +155,9 @@ def test_encoding_beyond_the_initial_capacity_grows_the_buffers(tiny_model, sour
     ids = source_ids[:600]  # also more than one prefill chunk
     cache = _cache(tiny_model, ids, capacity=16)
     assert cache.capacity >= 600
-    rows, _ = prefill(tiny_model.decoder, ids)
-    _assert_rows_equal(cache.past()[0], rows.keys)
-    _assert_rows_equal(cache.past()[1], rows.values)
+    rows, _ = fresh_prefill(tiny_model, list(ids))
+    _assert_rows_equal(cache.past()[0], rows.past()[0])
+    _assert_rows_equal(cache.past()[1], rows.past()[1])
     row_arrays = 8 + 8 + 1  # id, position, stale flag
     assert cache.nbytes == cache.capacity * (tiny_model.config.kv_bytes_per_token() + row_arrays)
 
@@ -190,7 +198,7 @@ def test_pie_rotates_later_keys_by_delta_and_keeps_their_values(tiny_model, doc,
     start, stop, ids = _splice(case, new_ids)
     cfg = tiny_model.config
     cache = _cache(tiny_model, doc)
-    keys, values = cache.past()
+    keys, values = _snapshot(cache)
     stats = cache.apply_splice(start, stop, ids)
     delta = len(ids) - (stop - start)
     later_keys, later_values = (
@@ -244,13 +252,14 @@ def test_pie_edit_at_the_end_gives_the_logits_of_full(tiny_model, doc, new_ids):
     pie.apply_splice(len(doc) - 5, len(doc), new_ids)
     full.apply_splice(len(doc) - 5, len(doc), new_ids, mode="full")
     assert not pie.stale.any()
-    np.testing.assert_array_equal(pie.logits_after(doc[:1]), full.logits_after(doc[:1]))
+    np.testing.assert_array_equal(logits_after(tiny_model.decoder, pie, doc[:1]),
+                                  logits_after(tiny_model.decoder, full, doc[:1]))
 
 
 def test_successive_pie_edits_rotate_surviving_rows_by_their_total_shift(tiny_model, doc, new_ids):
     cfg = tiny_model.config
     cache = _cache(tiny_model, doc)
-    original_keys, original_values = cache.past()
+    original_keys, original_values = _snapshot(cache)
     survivors = np.arange(len(doc))  # current row of each original row; -1 once deleted
     for start, stop, ids in [(200, 200, new_ids), (30, 45, new_ids[:3]), (120, 124, []), (0, 0, new_ids[:2])]:
         old = survivors.copy()
@@ -278,7 +287,7 @@ def test_rows_inserted_after_stale_rows_are_stale(tiny_model, doc, new_ids):
 
 def test_conflict_fast_leaves_later_keys_and_positions_untouched(tiny_model, doc, new_ids):
     cache = _cache(tiny_model, doc)
-    keys, values = cache.past()
+    keys, values = _snapshot(cache)
     stats = cache.apply_splice(100, 110, new_ids, mode="conflict-fast")
     later = 100 + len(new_ids)
     _assert_rows_equal([k[:, later:] for k in cache.past()[0]], [k[:, 110:] for k in keys])
@@ -299,22 +308,56 @@ def test_full_equals_a_fresh_encode_of_the_new_ids(tiny_model, doc, new_ids):
     assert not cache.stale.any() and stats.encoded == len(fresh)
 
 
-# -- logits_after and the API edges ------------------------------------------------------------------------
+# -- lending rows to a decode, kept logits and the API edges -----------------------------------------------
 
 
-def test_logits_after_does_not_change_the_cache(tiny_model, doc, new_ids):
+def test_a_lent_decode_writes_after_the_rows_and_never_changes_them(tiny_model, doc, new_ids):
     cache = _cache(tiny_model, doc)
-    keys, values = cache.past()
-    cache.logits_after(new_ids)
+    keys, values = _snapshot(cache)
+    lent, _ = cache.lend(len(cache), len(new_ids), cache.next_position)
+    prefill(tiny_model.decoder, lent, new_ids)
+    assert lent.keys[0] is cache.past()[0][0].base  # the rows went into the cache's own buffers
+    assert lent.length == len(doc) + len(new_ids) and len(cache) == len(doc) and cache.ids.tolist() == doc
     _assert_rows_equal(cache.past()[0], keys)
     _assert_rows_equal(cache.past()[1], values)
-    assert len(cache) == len(doc) and cache.ids.tolist() == doc
 
 
-def test_logits_after_equals_encoding_ids_and_tail_from_scratch(tiny_model, doc, new_ids):
+def test_a_lent_prefill_equals_encoding_ids_and_tail_from_scratch(tiny_model, doc, new_ids):
     cache = _cache(tiny_model, doc)
-    _, logits = prefill(tiny_model.decoder, doc + new_ids)
-    np.testing.assert_array_equal(cache.logits_after(new_ids), logits)
+    _, logits = fresh_prefill(tiny_model, doc + new_ids)
+    np.testing.assert_array_equal(logits_after(tiny_model.decoder, cache, new_ids), logits)
+
+
+def test_hidden_rows_are_not_attended(tiny_model, doc, new_ids):
+    """A decode that hides the rows after a prefix sees exactly that prefix."""
+    cache = _cache(tiny_model, doc)
+    lent, _ = cache.lend(100, len(new_ids), 100)
+    _, expected = fresh_prefill(tiny_model, doc[:100] + new_ids)
+    np.testing.assert_allclose(prefill(tiny_model.decoder, lent, new_ids), expected, rtol=0, atol=1e-4)
+
+
+def test_the_logits_of_an_edits_last_row_are_kept_without_a_forward(tiny_model, doc, new_ids):
+    recorder = RecordingDecoder(tiny_model.decoder)
+    cache = BufferCache(recorder)
+    cache.encode(doc)
+    cache.apply_splice(len(doc), len(doc), new_ids)
+    recorder.calls.clear()
+    kept, computed = cache.logits_at(len(cache) - 1)
+    assert recorder.calls == [] and not computed
+    _, expected = fresh_prefill(tiny_model, doc + new_ids)
+    np.testing.assert_array_equal(kept, expected)
+    earlier, computed = cache.logits_at(50)  # no forward left these: one row is re-encoded
+    assert computed and len(recorder.calls) == 1
+    np.testing.assert_array_equal(earlier, fresh_prefill(tiny_model, doc[:51])[1])
+
+
+def test_an_edit_voids_the_kept_logits_of_the_rows_it_changes(tiny_model, doc, new_ids):
+    cache = _cache(tiny_model, doc)
+    cache.logits_at(40)
+    cache.logits_at(80)
+    cache.apply_splice(60, 60, new_ids[:1])
+    assert not cache.logits_at(40)[1]  # before the edit: still valid
+    assert cache.logits_at(80)[1]
 
 
 def test_apply_takes_a_token_splice_object(tiny_model, doc, new_ids):

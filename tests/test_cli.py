@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from lsp_server.cursor import InputError, split_at
+from lsp_server.options import ServerOptions
 
 SOURCE = 'def greet(name):\n    return "hi " + name\n\n\nprint(greet("x"))\n'
 
@@ -32,9 +33,9 @@ def test_complete_prints_json_drafts_and_timings(source_file, tiny_gguf, tiny_ca
     run = superpie("complete", f"{source_file}:2:12", "--json", "--model", str(tiny_gguf), cache=tiny_cache)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert len(out["drafts"]) == 1 and isinstance(out["drafts"][0]["text"], str)
-    assert out["drafts"][0]["score"] <= 0.0
-    assert out["timings"]["prompt_tokens"] > 0 and out["timings"]["prefill_s"] > 0
+    assert len(out["drafts"]) <= ServerOptions.drafts  # an explicit request's drafts, as an editor gets them
+    assert all(isinstance(d["text"], str) and d["score"] <= 0.0 for d in out["drafts"])
+    assert out["timings"]["context_s"] > 0 and out["timings"]["total_s"] >= out["timings"]["context_s"]
 
 
 def test_cursor_split_is_one_based_in_characters():

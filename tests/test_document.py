@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from inference.generate import KVRows, prefill
+from tests.decoding import start
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.document import DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
@@ -97,17 +97,15 @@ def test_edits_outside_the_window_move_it_without_touching_rows(tiny_model_fp32)
 
 
 def test_context_at_end_of_document_equals_a_fresh_fim_prompt(tiny_model_fp32):
-    """With nothing after the cursor no row is borrowed, so the logits are exactly a fresh encode's."""
+    """With nothing after the cursor no row is borrowed, so the logits are a fresh encode's."""
     model, text = tiny_model_fp32, SOURCE[:1200]
     doc = _doc(model, text)
     ctx = doc.context(len(text))
-    logits = model.decoder.forward(np.asarray(ctx.tail), np.arange(ctx.position, ctx.position + 1),
-                                   ctx.rows.keys, ctx.rows.values).logits[-1]
     sp = model.tokenizer.specials
-    ids = model.tokenizer.encode(text)
-    assert ctx.healed == model.tokenizer.token_bytes()[ids[-1]]
-    _, expected = prefill(model.decoder, [sp.fim_prefix, *ids[:-1], sp.fim_suffix, sp.fim_middle])
-    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    kept = doc.ids[:ctx.prefix_rows - 1]  # the document's tokens before the healed ones
+    assert model.tokenizer.decode(kept).encode() + ctx.healed == text.encode()
+    _, expected = start(model, [sp.fim_prefix, *kept, sp.fim_suffix, sp.fim_middle])
+    np.testing.assert_allclose(ctx.logits, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("cursor", [0, 37, 500, 1199])
@@ -115,17 +113,27 @@ def test_context_borrows_suffix_rows_at_the_right_positions(tiny_model_fp32, cur
     model, text = tiny_model_fp32, SOURCE[:1200]
     doc = _doc(model, text)
     ctx = doc.context(cursor)
-    sp = model.tokenizer.specials
-    assert ctx.tail == [sp.fim_middle]
-    assert ctx.rows.length == ctx.position  # positions 0..position-1, no gap before the tail
+    assert ctx.reused + ctx.encoded == ctx.cache.position  # every visible row has the next position: no gap
     assert ctx.prefix + ctx.suffix == text
     healed = ctx.healed.decode("utf-8")
     assert ctx.prefix.endswith(healed)
     # The prefix rows are exact: they equal a fresh encode of [fim_prefix] + the prefix tokens.
     prefix_ids = model.tokenizer.encode(ctx.prefix[: len(ctx.prefix) - len(healed)])
-    fresh, _ = prefill(model.decoder, [sp.fim_prefix, *prefix_ids]) if prefix_ids else (None, None)
-    if fresh is not None:
-        np.testing.assert_allclose(ctx.rows.keys[0][:, :fresh.length], fresh.keys[0], atol=2e-4)
+    if prefix_ids:
+        fresh, _ = start(model, [model.tokenizer.specials.fim_prefix, *prefix_ids])
+        np.testing.assert_allclose(ctx.cache.keys[0][:, :fresh.length], fresh.keys[0][:, :fresh.length], atol=2e-4)
+
+
+def test_second_request_at_the_same_cursor_reuses_the_prompt_rows(tiny_model_fp32):
+    """The FIM prompt's rotated suffix rows are built once per edit, not once per request."""
+    doc = _doc(tiny_model_fp32, SOURCE[:1200])
+    first = doc.context(500)
+    again = doc.context(500)
+    assert first.encoded > 0 and again.encoded == 0
+    np.testing.assert_array_equal(again.logits, first.logits)
+    assert again.cache.length == first.cache.length and again.cache.position == first.cache.position
+    doc.apply([TextEdit(100, 100, "x")])
+    assert doc.context(501).encoded > 0  # an edit voids them
 
 
 def test_context_rejects_a_cursor_outside_the_text(tiny_model):
@@ -146,7 +154,7 @@ def test_bad_edit_leaves_text_and_rows_alone(tiny_model):
 def test_empty_document_completes_from_the_marker(tiny_model):
     doc = _doc(tiny_model, "")
     ctx = doc.context(0)
-    assert ctx.healed == b"" and ctx.rows.length == 2  # fim_prefix, fim_suffix
+    assert ctx.healed == b"" and ctx.logits is not None and ctx.cache.position == 3  # prefix, suffix, middle
     doc.apply([TextEdit(0, 0, "def f():\n")])
     assert doc.context(len(doc.text)).prefix == "def f():\n"
 
@@ -158,20 +166,12 @@ def test_rows_follow_edits_made_before_the_first_encode(tiny_model_fp32):
     _assert_matches_fresh_encode(tiny_model_fp32, doc)
 
 
-def test_kvrows_of_context_do_not_alias_the_cache(tiny_model):
-    doc = _doc(tiny_model, SOURCE[:600])
-    ctx = doc.context(300)
-    before = doc.cache().past()[0][0].copy()
-    ctx.rows.keys[0][...] = 0.0
-    np.testing.assert_array_equal(doc.cache().past()[0][0], before)
-    assert isinstance(ctx.rows, KVRows)
-
-
-def test_prefix_layout_feeds_the_last_prefix_token_without_a_suffix(tiny_model_fp32):
+def test_prefix_layout_ends_the_prompt_before_the_healed_tokens(tiny_model_fp32):
     model, text = tiny_model_fp32, SOURCE[:1200]
     doc = _doc(model, text)
     ctx = doc.context(500, with_suffix=False)
     fim = doc.context(500)
-    assert ctx.rows.length == ctx.position == fim.prefix_rows - 1
-    assert ctx.tail == [int(doc.cache().ids[fim.prefix_rows - 1])] and ctx.healed == fim.healed
-    np.testing.assert_array_equal(ctx.rows.keys[-1], fim.rows.keys[-1][:, :ctx.rows.length])
+    assert ctx.prefix_rows == fim.prefix_rows and ctx.healed == fim.healed
+    assert ctx.cache.position == ctx.prefix_rows  # the marker and the kept prefix tokens, then the output
+    _, expected = start(model, [model.tokenizer.specials.fim_prefix, *doc.ids[:ctx.prefix_rows - 1]])
+    np.testing.assert_allclose(ctx.logits, expected, atol=1e-4)

@@ -13,12 +13,12 @@ import pytest
 
 from inference.config import config_from_gguf
 from inference.fetch import cache_root, resolve_gguf
-from inference.generate import KVRows, greedy_complete, prefill
-from inference.prompt import fim_prompt
+from inference.generate import DecodeCache, decode_one_token
 from inference.reference import reference_forward
 from inference.registry import DEFAULT_MODEL
 from inference.runtime import causal_bias
 from inference.weights import load_weights
+from tests.decoding import fim, greedy, start
 from tests.fixtures import cpython_text
 
 pytestmark = pytest.mark.real_model
@@ -44,7 +44,7 @@ def test_greedy_tokens_match_numpy_reference_for_32_steps(real_model_fp32):
     del reader
     decoder = real_model_fp32.decoder
     ids = _real_code_ids(real_model_fp32, 48)
-    rows, logits = prefill(decoder, ids)
+    cache, logits = start(real_model_fp32, ids, room=32)
     past_k, past_v = decoder.empty_past()
     n = len(ids)
     ref_logits, ref_k, ref_v = reference_forward(weights, config, np.array(ids)[:, None], np.ones((n, 1), np.float32),
@@ -54,9 +54,7 @@ def test_greedy_tokens_match_numpy_reference_for_32_steps(real_model_fp32):
         ours.append(int(np.argmax(logits)))
         theirs.append(int(np.argmax(ref_logits[-1])))
         token = ours[-1]
-        out = decoder.forward(np.array([token]), np.array([rows.length]), rows.keys, rows.values)
-        rows.append(out.keys, out.values)
-        logits = out.logits[-1]
+        logits = decode_one_token(decoder, cache, token)
         pos = n + step
         ref_logits, new_k, new_v = reference_forward(
             weights, config, np.array([[token]]), np.ones((1, 1), np.float32), np.array([pos]),
@@ -72,11 +70,13 @@ def test_default_quantization_is_chunk_invariant_on_real_code(real_model, pieces
     ids = np.array(_real_code_ids(real_model, 300))
 
     def encode(n_pieces: int) -> np.ndarray:
-        rows, logits = KVRows(*decoder.empty_past()), []
+        """Logits of every position, each chunk attending to the rows before it in a preallocated decode cache."""
+        cache, logits = DecodeCache.empty(real_model.config, len(ids)), []
         for chunk in np.array_split(ids, n_pieces):
-            out = decoder.forward(chunk, np.arange(rows.length, rows.length + len(chunk)), rows.keys, rows.values,
-                                  logits_index=np.arange(len(chunk)))
-            rows.append(out.keys, out.values)
+            out = cache.forward(decoder, chunk, np.arange(cache.position, cache.position + len(chunk)),
+                                logits_index=np.arange(len(chunk)))
+            cache.write(out.keys, out.values)
+            cache.position += len(chunk)
             logits.append(out.logits)
         return np.concatenate(logits)
 
@@ -86,15 +86,15 @@ def test_default_quantization_is_chunk_invariant_on_real_code(real_model, pieces
 
 
 def test_completion_of_a_return_statement_is_sensible(real_model):
-    prompt = fim_prompt(real_model.tokenizer, AVERAGE.rstrip("\n"), "\n")
-    text = greedy_complete(real_model.decoder, real_model.tokenizer, prompt, max_tokens=16).drafts[0].text
+    prompt = fim(real_model.tokenizer, AVERAGE.rstrip("\n"), "\n")
+    text = greedy(real_model, prompt, max_tokens=16).drafts[0].text
     assert "len(values)" in text and "total" in text
 
 
 def test_token_healing_avoids_the_extra_space_after_indentation(real_model):
     prefix = "def fibonacci(n):\n    if n < 2:\n        return n\n    "
-    healed = fim_prompt(real_model.tokenizer, prefix, "\n")
-    text = greedy_complete(real_model.decoder, real_model.tokenizer, healed, max_tokens=16).drafts[0].text
+    healed = fim(real_model.tokenizer, prefix, "\n")
+    text = greedy(real_model, healed, max_tokens=16).drafts[0].text
     assert text.strip() and not text[0].isspace()
 
 

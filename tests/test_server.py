@@ -12,6 +12,7 @@ import hashlib
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,22 @@ async def until_decoding(client: LanguageClient, uri: str, request: asyncio.Futu
     raise TimeoutError(f"{uri} never decoded {steps} steps")
 
 
+async def until_prefetch(client: LanguageClient, uri: str, state: str, steps: int = 0,
+                         timeout: float = 60) -> dict[str, Any]:
+    """Until the server reports its prefetch for `uri` in `state` (and `steps` decode steps into it): an event
+    from the server. Fails if the prefetch ends in another state first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        prefetch = (await live_stats(client))["server"]["prefetch"]
+        if prefetch is not None and prefetch["uri"] == uri:
+            if prefetch["state"] == state and prefetch["steps"] >= steps:
+                return prefetch
+            if prefetch["state"] not in ("queued", "running"):
+                raise AssertionError(f"the prefetch ended {prefetch['state']}, not {state}: {prefetch}")
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"no prefetch for {uri} was seen {state}")
+
+
 async def wait_for_model(client: LanguageClient, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -203,21 +220,43 @@ def answered(tiny_model) -> str:
     raise AssertionError("the tiny model answers none of the candidate prompts")
 
 
-def find_long_prompt(model) -> str:
-    """A prompt on which the tiny model decodes for a while (multi-line scope), found in-process: the known
-    candidates first, then a seeded search (the completer's stopping rules change as the project grows)."""
-    completer = Completer(model)
+def _long_prompt_candidates() -> Iterator[str]:
+    """The known candidates for a long decode, then a seeded search (the completer's stopping rules change as the
+    project grows)."""
+    yield from LONG_PROMPT_CANDIDATES
     rng = random.Random(1)
     words = ["def", "x", "return", "(", ")", ":", "\n", "    ", "for", "in", "1", "+", "=", "a", "#", "import", "."]
-    searched = (" ".join(rng.choice(words) for _ in range(rng.randint(0, 10))) + rng.choice(['x = """', "'''"])
-                for _ in range(400))
-    for text in [*LONG_PROMPT_CANDIDATES, *searched]:
-        completer.open("probe", text)
-        outcome = completer.complete("probe", len(text), CompletionOptions(max_tokens=1024, scope="multi"))
-        if outcome.timings.get("generated_tokens", 0) >= 300:
+    for _ in range(400):
+        yield " ".join(rng.choice(words) for _ in range(rng.randint(0, 10))) + rng.choice(['x = """', "'''"])
+
+
+def _decodes_long(completer: Completer, text: str) -> tuple[bool, list[str]]:
+    """Whether the tiny model decodes for 300 tokens at the end of `text` (multi-line scope), and its drafts."""
+    completer.open("probe", text)
+    outcome = completer.complete("probe", len(text), CompletionOptions(max_tokens=1024, scope="multi"))
+    return outcome.timings.get("generated_tokens", 0) >= 300, [s.text for s in outcome.suggestions]
+
+
+def find_long_prompt(model) -> str:
+    """A prompt on which the tiny model decodes for a while (multi-line scope), found in-process."""
+    completer = Completer(model)
+    for text in _long_prompt_candidates():
+        if _decodes_long(completer, text)[0]:
             return text
     raise AssertionError("no prompt makes the tiny model decode for 300 tokens any more: the tests of cancellation "
                          "mid-decode need one")
+
+
+@pytest.fixture(scope="module")
+def long_prefetch_prompt(tiny_model) -> str:
+    """A prompt whose best suggestion, once accepted, is followed by a long decode: a prefetch that runs a while."""
+    completer = Completer(tiny_model)
+    for text in _long_prompt_candidates():
+        drafts = _decodes_long(completer, text)[1]
+        if drafts and _decodes_long(completer, text + drafts[0])[0]:
+            return text
+    raise AssertionError("no prompt is followed, once its suggestion is accepted, by a decode of 300 tokens: the "
+                         "test of a request arriving during a prefetch needs one")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -229,7 +268,17 @@ async def client(tiny_gguf, tiny_cache):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def slow_client(tiny_gguf, tiny_cache):
-    """Multi-line suggestions up to 1024 tokens: with `long_prompt`, a decode lasts about a second."""
+    """Multi-line suggestions up to 1024 tokens: with `long_prompt`, a decode lasts about a second. No prefetch:
+    these tests read the timings of the last model call, which must be their request's."""
+    client = await start_server(tiny_gguf, tiny_cache, init_options={"scope": "multi", "maxTokens": 1024,
+                                                                     "prefetch": False})
+    yield client
+    await stop_server(client)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def slow_prefetch_client(tiny_gguf, tiny_cache):
+    """As `slow_client`, with the prefetch on (the default)."""
     client = await start_server(tiny_gguf, tiny_cache, init_options={"scope": "multi", "maxTokens": 1024})
     yield client
     await stop_server(client)
@@ -328,6 +377,53 @@ async def test_requests_for_unknown_documents_or_impossible_positions_are_invali
         types.InlineCompletionContext(types.InlineCompletionTriggerKind.Invoked),
         types.TextDocumentIdentifier(doc.uri), types.Position(0, 500)))  # clamps to the line end (LSP spec)
     assert isinstance(past_line_end, types.InlineCompletionList)
+
+
+# -- prefetch ------------------------------------------------------------------------------------------------------
+
+async def test_accepting_the_suggestion_is_answered_from_the_prefetch(client, answered):
+    doc = Doc(client, "file:///prefetch.py", answered)
+    first = (await doc.inline())[0]
+    await until_prefetch(client, doc.uri, "ready")
+    before = (await stats(client))["server"]["counters"]
+    cursor = len(doc.text)
+    doc.edit(cursor, cursor, first)  # the editor accepts the suggestion, then asks at the cursor after it
+    assert isinstance(await doc.inline(), list)
+    after = (await stats(client))["server"]["counters"]
+    assert after.get("prefetch_hits", 0) == before.get("prefetch_hits", 0) + 1
+    assert after.get("completions", 0) == before.get("completions", 0)  # the model did not run for it
+
+
+@pytest.mark.parametrize("edit", ["other text", "other cursor"])
+async def test_anything_but_accepting_the_suggestion_misses_the_prefetch(client, answered, edit):
+    doc = Doc(client, f"file:///prefetch-miss-{edit.replace(' ', '-')}.py", answered)
+    items = await doc.inline()
+    await until_prefetch(client, doc.uri, "ready")
+    before = (await stats(client))["server"]["counters"]
+    inserted = "~" + items[0] if edit == "other text" else items[0]
+    assert not any(item.startswith(inserted) for item in items[1:])  # no typed-through answer either
+    cursor = len(doc.text)
+    doc.edit(cursor, cursor, inserted)
+    await doc.inline(len(doc.text) - (edit == "other cursor"))
+    after = (await stats(client))["server"]["counters"]
+    assert after.get("prefetch_hits", 0) == before.get("prefetch_hits", 0)
+    assert after.get("completions", 0) == before.get("completions", 0) + 1  # the model answered
+
+
+async def test_a_request_stops_a_running_prefetch_at_its_next_step(slow_prefetch_client, long_prefetch_prompt):
+    client = slow_prefetch_client
+    doc = Doc(client, "file:///prefetch-long.py", long_prefetch_prompt)
+    other = Doc(client, "file:///prefetch-other.py", "x = 1\n")
+    assert await doc.inline()
+    before = (await live_stats(client))["server"]["counters"]
+    await until_prefetch(client, doc.uri, "running", steps=3)
+    await other.hover()  # nothing shown there: the model computes the drafts, and the prefetch yields
+    after = await stats(client)
+    prefetch = after["server"]["prefetch"]
+    assert prefetch["uri"] == doc.uri and prefetch["state"] == "yielded", prefetch
+    assert prefetch["steps_after_stop"] <= 1, prefetch  # at most the step in progress delayed the hover
+    counters = after["server"]["counters"]
+    assert counters.get("prefetch_yielded", 0) == before.get("prefetch_yielded", 0) + 1
 
 
 # -- text sync -----------------------------------------------------------------------------------------------------

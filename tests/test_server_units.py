@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +23,7 @@ from lsp_server.positions import (
     offset_at,
     position_at,
     range_to_edit,
+    same_line,
     units,
 )
 from lsp_server.suggestions import ShownSuggestions, completion_items, hover_markdown, inline_items
@@ -101,6 +105,12 @@ def test_lone_cr_is_a_line_break():
     assert offset_at("a\rb", types.Position(1, 0), UTF16) == 2
 
 
+def test_same_line_means_no_line_break_between_the_offsets():
+    text = "ab\r\ncd\ref\ngh"
+    assert same_line(text, 0, 2) and same_line(text, 2, 0) and same_line(text, 4, 6)
+    assert not same_line(text, 2, 4) and not same_line(text, 6, 7) and not same_line(text, 0, len(text))
+
+
 def test_utf8_is_chosen_only_when_offered():
     assert choose_encoding(None) == UTF16
     assert choose_encoding(["utf-16"]) == UTF16
@@ -140,6 +150,20 @@ def test_settings_that_are_not_an_object_warn():
 def test_wire_names_round_trip():
     options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug")
     assert parse_options(to_wire(options)) == (options, [])
+
+
+def test_the_editor_clients_know_every_setting_and_its_default():
+    """The VS Code manifest and settings list and the Neovim settings list name exactly the server's options."""
+    clients = Path(__file__).resolve().parents[1] / "editor-clients"
+    wire = to_wire(ServerOptions())
+    manifest = json.loads((clients / "vscode" / "package.json").read_text())["contributes"]["configuration"]
+    contributed = {key.removeprefix("superpie."): spec.get("default") for key, spec in manifest["properties"].items()
+                   if key.removeprefix("superpie.").split(".")[0] not in ("enable", "server", "trace")}
+    assert contributed == wire
+    keys_ts = (clients / "vscode" / "src" / "settings.ts").read_text().split("SERVER_OPTION_KEYS = [", 1)[1]
+    assert re.findall(r"'(\w+)'", keys_ts.split("]", 1)[0]) == list(wire)
+    config_lua = (clients / "neovim" / "lua" / "superpie" / "config.lua").read_text()
+    assert re.findall(r"'(\w+)'", config_lua.split("M.server_options = {", 1)[1].split("}", 1)[0]) == list(wire)
 
 
 # -- suggestions -------------------------------------------------------------------------------------------
@@ -212,10 +236,11 @@ def test_cancelled_queued_job_is_skipped_and_running_job_sees_its_event():
             steps += 1
         return steps
 
-    running = worker.submit(long_job, uri="u", kind="complete", cancel=cancel_running)
-    queued = worker.submit(lambda: "ran", uri="u", kind="complete", cancel=cancel_queued)
+    running = worker.submit(long_job, kind="complete", cancel=cancel_running)
+    queued = worker.submit(lambda: "ran", kind="complete", cancel=cancel_queued)
     assert started.wait(5)
-    assert worker.cancel("u", ("complete",)) == 2
+    cancel_queued.set()
+    cancel_running.set()
     assert running.result(timeout=5) < 500
     assert queued.result(timeout=5) is SKIPPED
     worker.stop()
@@ -246,6 +271,57 @@ def test_idle_steps_run_only_while_nothing_is_queued():
     _wait_until(lambda: len(calls) == 7)  # a job wakes the idle work once more (after the idle delay)...
     worker.submit(lambda: calls.append("job 2")).result(timeout=5)
     assert calls == ["idle"] * 5 + ["job", "idle", "job 2"]  # ...once
+    worker.stop()
+
+
+class IdleJob:
+    """An idle-priority job that runs until stopped, counting its steps (as a decode checks its cancel event)."""
+
+    def __init__(self) -> None:
+        self.cancel, self.started, self.stops = threading.Event(), threading.Event(), 0
+
+    def run(self) -> str:
+        self.started.set()
+        while not self.cancel.wait(0.005):
+            pass
+        return "stopped"
+
+    def stop(self) -> None:
+        self.stops += 1
+        self.cancel.set()
+
+    def submit(self, worker: ModelWorker):
+        return worker.submit_idle(self.run, kind="prefetch", cancel=self.cancel, stop=self.stop)
+
+
+def test_a_job_stops_the_running_idle_job_and_runs_after_it():
+    worker = ModelWorker()
+    idle = IdleJob()
+    idle_future = idle.submit(worker)
+    assert idle.started.wait(5)
+    assert worker.has_work(("prefetch",))
+    job = worker.submit(lambda: "job")
+    assert idle.stops == 1  # told at once, on the submitting thread
+    assert idle_future.result(timeout=5) == "stopped" and job.result(timeout=5) == "job"
+    worker.stop()
+
+
+def test_a_waiting_idle_job_is_dropped_by_a_job_or_a_newer_idle_job():
+    worker = ModelWorker()
+    gate = threading.Event()
+    blocker = worker.submit(gate.wait)
+    first, second, third = IdleJob(), IdleJob(), IdleJob()
+    dropped_by_idle = first.submit(worker)
+    dropped_by_job = second.submit(worker)  # replaces `first`, which never starts
+    job = worker.submit(lambda: "job")  # drops `second`
+    assert dropped_by_idle.result(timeout=5) is SKIPPED and dropped_by_job.result(timeout=5) is SKIPPED
+    assert not first.started.is_set() and not second.started.is_set()
+    last = third.submit(worker)  # waits behind the queued jobs, then runs once they are done
+    gate.set()
+    assert blocker.result(timeout=5) and job.result(timeout=5) == "job"
+    assert third.started.wait(5) and not last.done()
+    third.stop()
+    assert last.result(timeout=5) == "stopped"
     worker.stop()
 
 

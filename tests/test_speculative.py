@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from inference.drafting import Recycler, lookup_continuations, top_tokens
-from inference.generate import SINGLE_LINE, KVRows, greedy_complete, prefill
-from inference.healing import TokenHealer
-from inference.prompt import Prompt, fim_prompt
+from inference.generate import SINGLE_LINE, DecodeCache, DecodeRequest, decode_one_token, greedy_decode, prefill, \
+    vocabulary
+from inference.prompt import Prompt
 from inference.runtime import NEG_INF
-from inference.speculative import DraftTree, softmax_lanes, speculative_complete, verify_tree
+from inference.speculative import DraftTree, Drafter, softmax_lanes, speculative_decode, verify_tree
+from tests.decoding import before_cursor, fim, start, start_past_hidden_rows
 from tests.fixtures import cpython_text, never_ending
+
 
 def _snippets(count: int, seed: int = 0) -> list[tuple[str, str]]:
     """(prefix, suffix) pairs cut from real library files at random points (mid-line and at line starts)."""
@@ -28,14 +30,13 @@ def _snippets(count: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def _sequential(decoder, rows: KVRows, tokens: list[int], position: int) -> tuple[np.ndarray, KVRows]:
-    """Logits [n, vocab] and rows after feeding `tokens` one forward each."""
-    rows = KVRows(list(rows.keys), list(rows.values))
-    logits = []
-    for i, token in enumerate(tokens):
-        out = decoder.forward(np.array([token]), np.array([position + i]), rows.keys, rows.values)
-        rows.append(out.keys, out.values)
-        logits.append(out.logits[-1])
+def _sequential(decoder, cache: DecodeCache, tokens: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits [n, vocab] and the new rows' keys + values per layer [kv, n, hd] after feeding `tokens` one
+    forward each; the cache is rewound after (its rows [0, length) are never written)."""
+    length, position = cache.length, cache.position
+    logits = [decode_one_token(decoder, cache, token) for token in tokens]
+    rows = [buf[:, length:cache.length].copy() for buf in cache.keys + cache.values]
+    cache.length, cache.position = length, position
     return np.array(logits), rows
 
 
@@ -99,23 +100,27 @@ def test_softmax_lanes_is_a_simd_width():
 
 @pytest.mark.parametrize("quantization", ["q8", "fp32"])
 def test_tree_forward_is_bit_identical_to_sequential_steps(quantization, tiny_gguf, tiny_cache):
-    """The premise of losslessness: every node's logits and K/V equal feeding its path one token at a time."""
+    """The premise of losslessness: every node's logits and K/V equal feeding its path one token at a time,
+    also over a cache with hidden rows (a document's rows the prompt leaves out)."""
     from inference.model_store import load_model
 
     model = load_model(str(tiny_gguf), quantization, cache=tiny_cache, progress=False)
     decoder, vocab = model.decoder, model.config.vocab_size
     rng = np.random.default_rng(1)
-    for past in (3, 37, 530):  # 530: the attention's value matmul runs over more than one 512-row block
-        rows, _ = prefill(decoder, [int(t) for t in rng.integers(0, vocab, past)])
+    for past, hidden in ((3, (0, 0)), (37, (0, 0)), (37, (10, 20)), (530, (100, 300))):
+        # 530: the attention's value matmul runs over more than one 512-row block
+        cache, _ = start(model, [int(t) for t in rng.integers(0, vocab, past)], room=32)
+        cache.hide(*hidden)
         tree = _random_tree(rng, softmax_lanes(), vocab, int(rng.integers(6, 14)))
-        logits, keys, values = verify_tree(decoder, tree, rows, past)
+        step = verify_tree(decoder, cache, tree)
+        assert cache.length == past  # nothing written: the caller keeps the accepted rows
         for node in range(len(tree)):
             path = _path(tree, node)
-            expected, seq_rows = _sequential(decoder, rows, [tree.tokens[n] for n in path], past)
-            assert np.array_equal(logits[node], expected[-1])
+            expected, rows = _sequential(decoder, cache, [tree.tokens[n] for n in path])
+            assert np.array_equal(step.logits[node], expected[-1])
             slots = [tree.slots[n] for n in path]
-            for got, want in zip(keys + values, seq_rows.keys + seq_rows.values):
-                assert np.array_equal(got[:, slots], want[:, past:])
+            for got, want in zip(step.keys + step.values, rows):
+                assert np.array_equal(got[:, slots], want)
 
 
 # -- drafting ------------------------------------------------------------------------------------------------
@@ -170,72 +175,114 @@ def _assert_same(spec, greedy) -> None:
     assert spec.drafts[0].logprob == greedy.drafts[0].logprob  # bit-identical logits, not just argmax
 
 
+def _prefilled(model, prompt: Prompt, layout: int, room: int = 64) -> tuple[DecodeCache, np.ndarray]:
+    """A fresh cache holding the prompt and the logits after it. Layout 0: prefilled in one go; 1: its second
+    half continues the first with a gap in positions; 2: its second half follows hidden rows (of itself)."""
+    decoder, ids = model.decoder, prompt.ids
+    if layout == 2:
+        return start_past_hidden_rows(model, ids, ids[len(ids) // 2:], room)
+    cache = DecodeCache.empty(model.config, len(ids) + room)
+    if layout == 0:
+        return cache, prefill(decoder, cache, ids)
+    prefill(decoder, cache, ids[:len(ids) // 2])
+    cache.position += 7
+    return cache, prefill(decoder, cache, ids[len(ids) // 2:])
+
+
+def _decode(model, tok, prompt: Prompt, request: DecodeRequest, drafter: Drafter | None = None):
+    """Greedy (no drafter) or speculative decoding of `prompt` from a fresh cache, with `tok`'s stop tokens."""
+    cache, logits = start(model, prompt.ids, room=request.max_tokens + 16)
+    if drafter is None:
+        return greedy_decode(model.decoder, vocabulary(tok), cache, logits, request)
+    return speculative_decode(model.decoder, vocabulary(tok), cache, logits, request, drafter)
+
+
 def test_speculative_output_equals_greedy_on_200_real_prompts(tiny_model):
-    """Healed and unhealed FIM prompts from real files, single-line and unbounded stopping, with and without
-    a cache to continue, drafts from the prompt, other buffers and a recycler shared across prompts."""
+    """Healed and unhealed FIM prompts from real files, single-line and unbounded stopping, in caches that hold
+    the prompt alone, with a gap in positions or after hidden rows, drafts from the code before the cursor,
+    other buffers and a recycler shared across prompts."""
     decoder, tok = tiny_model.decoder, tiny_model.tokenizer
-    healer = TokenHealer(tok.token_bytes(), tok.specials.stop)
+    vocab = vocabulary(tok)
     recycler = Recycler(tiny_model.config.vocab_size)
     snippets = _snippets(200)
     accepted = healed = 0
     for i, (prefix, suffix) in enumerate(snippets):
-        prompt = fim_prompt(tok, prefix, suffix, heal=i % 3 != 0)
+        prompt = fim(tok, prefix, suffix, heal=i % 3 != 0)
         healed += bool(prompt.healed)
-        stop = SINGLE_LINE if i % 2 else None
-        rows = position = None
-        if i % 4 == 1:  # continue a cache of the prompt's head, with a gap in positions
-            head = len(prompt.ids) // 2
-            rows, _ = prefill(decoder, prompt.ids[:head])
-            position = head + 7
-            prompt = Prompt(prompt.ids[head:], prompt.healed)
-        kwargs = dict(max_tokens=int(12 + i % 13), stop=stop, healer=healer, rows=rows, position=position)
-        greedy = greedy_complete(decoder, tok, prompt, **kwargs)
+        request = DecodeRequest(int(12 + i % 13), SINGLE_LINE if i % 2 else None, prompt.healed)
+        layout = (0, 1, 0, 2)[i % 4]
+        greedy = greedy_decode(decoder, vocab, *_prefilled(tiny_model, prompt, layout), request)
         # drafts: other buffers (sometimes holding the answer itself, so long paths get accepted)
+        context = before_cursor(tok, prompt)
         corpus = [tok.encode(snippets[(i + 1) % len(snippets)][0])]
         if i % 5 == 2:
-            corpus.append([*prompt.ids[-3:], *greedy.drafts[0].token_ids])
-        spec = speculative_complete(decoder, tok, prompt, **kwargs, lookup_corpus=corpus, recycler=recycler,
-                                    tree_nodes=(2, 4, 8, 12, 16)[i % 5], token_cost=(0.0, 0.28)[i % 2])
+            corpus.append([*context[-3:], *greedy.drafts[0].token_ids])
+        drafter = Drafter(recycler, context, corpus, tree_nodes=(2, 4, 8, 12, 16)[i % 5],
+                          token_cost=(0.0, 0.28)[i % 2])
+        spec = speculative_decode(decoder, vocab, *_prefilled(tiny_model, prompt, layout), request, drafter)
         _assert_same(spec, greedy)
         accepted += spec.timings["accepted_drafts"]
     assert healed > 100
     assert accepted > 400  # drafts were really taken, not all rejected
 
 
-def test_continuing_a_cache_leaves_the_callers_rows_unchanged(tiny_model):
-    decoder, tok = tiny_model.decoder, tiny_model.tokenizer
+def test_decoding_writes_in_place_and_never_changes_the_rows_it_was_lent(tiny_model):
+    """The rows [0, length) the decode starts from are bit-identical after it, its own rows went into the same
+    buffers after them, and they are the rows greedy decoding writes."""
+    decoder, tok = tiny_model.decoder, never_ending(tiny_model.tokenizer)
+    vocab = vocabulary(tok)
     ids = tok.encode(cpython_text("csv.py")[:1500])
-    rows, _ = prefill(decoder, ids[:-5])
-    before = [k.copy() for k in rows.keys]
-    prompt = Prompt(ids[-5:], b"")
-    result = speculative_complete(decoder, tok, prompt, max_tokens=30, stop=None, rows=rows, lookup_corpus=[ids])
-    assert rows.length == len(ids) - 5 and all(np.array_equal(a, b) for a, b in zip(rows.keys, before))
-    _assert_same(result, greedy_complete(decoder, tok, prompt, max_tokens=30, stop=None, rows=rows))
+    request = DecodeRequest(30, None)
+
+    def lent() -> tuple[DecodeCache, np.ndarray]:  # a prompt that continues a cache of the document's head
+        cache, _ = start(tiny_model, ids[:-5], room=64)
+        return cache, prefill(decoder, cache, ids[-5:])
+
+    greedy_cache, greedy_logits = lent()
+    greedy = greedy_decode(decoder, vocab, greedy_cache, greedy_logits, request)
+    cache, logits = lent()
+    length, position = cache.length, cache.position
+    buffers = cache.keys + cache.values
+    before = [buf[:, :length].copy() for buf in buffers]
+    corpus = [ids, [*ids[-3:], *greedy.drafts[0].token_ids]]  # holds the answer: drafts get accepted
+    result = speculative_decode(decoder, vocab, cache, logits, request,
+                                Drafter(Recycler(tiny_model.config.vocab_size), ids, corpus))
+    _assert_same(result, greedy)
+    assert len(greedy.drafts[0].token_ids) == 30 and result.timings["accepted_drafts"] > 0
+    assert all(a is b for a, b in zip(cache.keys + cache.values, buffers))
+    assert all(np.array_equal(buf[:, :length], old) for buf, old in zip(buffers, before))
+    written = greedy_cache.length  # greedy feeds every token but the last
+    assert written == length + 29 and cache.length >= written
+    assert cache.position - cache.length == position - length
+    assert all(np.array_equal(a[:, length:written], b[:, length:written])
+               for a, b in zip(buffers, greedy_cache.keys + greedy_cache.values))
 
 
 def test_a_correct_draft_needs_few_forwards_when_verifying_is_cheap(tiny_model):
-    decoder, tok = tiny_model.decoder, never_ending(tiny_model.tokenizer)
-    prompt = fim_prompt(tok, cpython_text("pprint.py")[:800], "", heal=False)
-    greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, cpython_text("pprint.py")[:800], "", heal=False)
+    request = DecodeRequest(40, None)
+    greedy = _decode(tiny_model, tok, prompt, request)
     answer = greedy.drafts[0].token_ids
     assert len(answer) == 40  # no stop token and no stop rule: always the whole budget
-    corpus = [[*prompt.ids[-4:], *answer]]
-    free = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=0.0,
-                                lookup_corpus=corpus)
+    context = before_cursor(tok, prompt)
+    corpus = [[*context[-4:], *answer]]
+    recycler = Recycler(tiny_model.config.vocab_size)
+    free = _decode(tiny_model, tok, prompt, request, Drafter(recycler, context, corpus, tree_nodes=8, token_cost=0.0))
     _assert_same(free, greedy)
     assert free.timings["tree_steps"] <= 40 / 6
     # when each verified token costs as much as a step, drafting stops paying: one token per forward
-    costly = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, tree_nodes=8, token_cost=1.0,
-                                  lookup_corpus=corpus)
+    costly = _decode(tiny_model, tok, prompt, request, Drafter(recycler, context, corpus, tree_nodes=8,
+                                                                token_cost=1.0))
     _assert_same(costly, greedy)
     assert costly.timings["tree_tokens"] == costly.timings["tree_steps"] == 39
 
 
 def test_cancellation_returns_the_output_so_far(tiny_model):
     """A decode cancelled before its 4th forward returns a strict prefix of the uncancelled output."""
-    decoder, tok = tiny_model.decoder, never_ending(tiny_model.tokenizer)
-    prompt = fim_prompt(tok, cpython_text("calendar.py")[:1200], "")
-    greedy = greedy_complete(decoder, tok, prompt, max_tokens=40, stop=None)
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, cpython_text("calendar.py")[:1200], "")
+    greedy = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed))
     calls = 0
 
     def cancelled() -> bool:
@@ -243,12 +290,15 @@ def test_cancellation_returns_the_output_so_far(tiny_model):
         calls += 1
         return calls > 3
 
-    spec = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=cancelled)
+    context = before_cursor(tok, prompt)
+    drafter = Drafter(Recycler(tiny_model.config.vocab_size), context)
+    spec = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed, cancelled), drafter)
     ids = spec.drafts[0].token_ids
     assert len(greedy.drafts[0].token_ids) == 40  # no stop token and no stop rule: always the whole budget
     assert spec.timings["cancelled"] == 1.0 and calls == 4
     assert 0 < len(ids) < len(greedy.drafts[0].token_ids) and greedy.drafts[0].token_ids[:len(ids)] == ids
-    not_cancelled = speculative_complete(decoder, tok, prompt, max_tokens=40, stop=None, cancelled=lambda: False)
+    drafter = Drafter(Recycler(tiny_model.config.vocab_size), context)
+    not_cancelled = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed, lambda: False), drafter)
     assert not_cancelled.timings["cancelled"] == 0.0
     _assert_same(not_cancelled, greedy)
 
@@ -256,15 +306,17 @@ def test_cancellation_returns_the_output_so_far(tiny_model):
 @pytest.mark.real_model
 def test_real_model_speculative_output_equals_greedy(real_model):
     """Qwen2.5-Coder q8 (int8 activations): lane-aligned tree verification is still exactly greedy."""
-    decoder, tok = real_model.decoder, real_model.tokenizer
+    tok = real_model.tokenizer
     accepted = 0
     for name, cut in (("textwrap.py", 3000), ("bisect.py", 1500), ("heapq.py", 4000)):
         text = cpython_text(name)
         cut = text.rfind("\n", 0, cut) + 1
-        prompt = fim_prompt(tok, text[:cut], "")
-        greedy = greedy_complete(decoder, tok, prompt, max_tokens=24, stop=None)
-        spec = speculative_complete(decoder, tok, prompt, max_tokens=24, stop=None, tree_nodes=12,
-                                    lookup_corpus=[tok.encode(text[:cut])])
+        prompt = fim(tok, text[:cut], "")
+        request = DecodeRequest(24, None, prompt.healed)
+        greedy = _decode(real_model, tok, prompt, request)
+        drafter = Drafter(Recycler(real_model.config.vocab_size), before_cursor(tok, prompt),
+                          [tok.encode(text[:cut])], tree_nodes=12)
+        spec = _decode(real_model, tok, prompt, request, drafter)
         _assert_same(spec, greedy)
         accepted += spec.timings["accepted_drafts"]
     assert accepted > 0

@@ -5,13 +5,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.generate import SINGLE_LINE, completion_text, first_line, greedy_complete, prefill
+from inference.generate import SINGLE_LINE, DecodeRequest, completion_text, first_line, greedy_decode, prefill, \
+    vocabulary
 from inference.ngram import NgramModel
-from inference.prompt import Prompt, fim_prompt
-from inference.superposed import _Drafts, batched_complete, code_before_cursor, superposed_complete
+from inference.prompt import Prompt
+from inference.superposed import SuperposedSearch, _Drafts, beam_decode, superposed_decode
+from tests.decoding import before_cursor, fim, start, start_past_hidden_rows
 from tests.fixtures import never_ending
 
-DECODERS = [superposed_complete, batched_complete]
+
+def _superposed(decoder, vocab, cache, logits, request, k, history):
+    return superposed_decode(decoder, vocab, cache, logits, request, SuperposedSearch(k, history=history))
+
+
+def _beam(decoder, vocab, cache, logits, request, k, history):
+    return beam_decode(decoder, vocab, cache, logits, request, k)
+
+
+DECODERS = [_superposed, _beam]
+
+
+def _complete(decode, model, tok, prompt: Prompt, request: DecodeRequest, k: int):
+    """`decode` (a DECODERS entry) after `prompt`, prefilled into a fresh cache, with `tok`'s stop tokens."""
+    cache, logits = start(model, prompt.ids, room=k * request.max_tokens + 8)
+    return decode(model.decoder, vocabulary(tok), cache, logits, request, k, before_cursor(tok, prompt))
 
 
 class CutAt:
@@ -37,10 +54,11 @@ def _assert_distinct_and_ranked(drafts, k: int) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_k_distinct_drafts_best_first(tiny_model, complete):
-    prompt = fim_prompt(tiny_model.tokenizer, "def wrap(text, width):\n    lines = ", "\n    return lines\n")
-    result = complete(tiny_model.decoder, tiny_model.tokenizer, prompt, k=3, max_tokens=8, stop=None)
+@pytest.mark.parametrize("decode", DECODERS)
+def test_k_distinct_drafts_best_first(tiny_model, decode):
+    tok = tiny_model.tokenizer
+    prompt = fim(tok, "def wrap(text, width):\n    lines = ", "\n    return lines\n")
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(8, None, prompt.healed), k=3)
     _assert_distinct_and_ranked(result.drafts, 3)
 
 
@@ -50,7 +68,7 @@ def test_k_distinct_texts_give_k_drafts_and_equal_texts_one(tiny_model):
     token = {b: tok.token_bytes().index(b) for b in (b"a", b"b", b"c", b"\xfe", b"\xff")}
 
     def ranked(spellings: list[bytes]) -> list[tuple[str, float]]:
-        drafts = _Drafts(tok, Prompt([0], b""), 3, None, None)
+        drafts = _Drafts(vocabulary(tok), DecodeRequest(stop=None), 3)
         drafts.advance([(-1.0 - i, 0, token[b]) for i, b in enumerate(spellings)])
         return [(d.text, d.logprob) for d in drafts.ranked()]
 
@@ -58,11 +76,12 @@ def test_k_distinct_texts_give_k_drafts_and_equal_texts_one(tiny_model):
     assert ranked([b"a", b"\xfe", b"\xff"]) == [("a", -1.0), ("\ufffd", -2.0)]  # both invalid bytes show U+FFFD
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_every_draft_starts_with_the_healed_bytes(tiny_model, complete):
-    prompt = fim_prompt(tiny_model.tokenizer, "import os\nimport sys\nimp", "")
+@pytest.mark.parametrize("decode", DECODERS)
+def test_every_draft_starts_with_the_healed_bytes(tiny_model, decode):
+    tok = tiny_model.tokenizer
+    prompt = fim(tok, "import os\nimport sys\nimp", "")
     assert len(prompt.healed) > 1
-    result = complete(tiny_model.decoder, tiny_model.tokenizer, prompt, k=3, max_tokens=8, stop=None)
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(8, None, prompt.healed), k=3)
     _assert_distinct_and_ranked(result.drafts, 3)
     for draft in result.drafts:
         generated = _generated(tiny_model, draft.token_ids)
@@ -70,12 +89,12 @@ def test_every_draft_starts_with_the_healed_bytes(tiny_model, complete):
         assert draft.text == completion_text(generated[len(prompt.healed):])
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_each_draft_stops_as_soon_as_the_rule_calls_it_complete(tiny_model, complete):
+@pytest.mark.parametrize("decode", DECODERS)
+def test_each_draft_stops_as_soon_as_the_rule_calls_it_complete(tiny_model, decode):
     """Without end-of-text, 24 tokens always write more than 5 characters: every draft must be cut by the rule."""
     tok = never_ending(tiny_model.tokenizer)
-    prompt = fim_prompt(tok, "def f(x):\n    return ", "\n", heal=False)
-    result = complete(tiny_model.decoder, tok, prompt, k=3, max_tokens=24, stop=CutAt(5))
+    prompt = fim(tok, "def f(x):\n    return ", "\n", heal=False)
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(24, CutAt(5)), k=3)
     assert result.drafts
     for draft in result.drafts:
         generated = completion_text(_generated(tiny_model, draft.token_ids))
@@ -84,33 +103,36 @@ def test_each_draft_stops_as_soon_as_the_rule_calls_it_complete(tiny_model, comp
         assert len(without_last) < 5  # not decoded further once complete
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_single_line_drafts_end_at_their_first_line(tiny_model, complete):
-    prompt = fim_prompt(tiny_model.tokenizer, "x = [\n    1,\n    2,\n", "]\n")
-    result = complete(tiny_model.decoder, tiny_model.tokenizer, prompt, k=3, max_tokens=32, stop=SINGLE_LINE)
+@pytest.mark.parametrize("decode", DECODERS)
+def test_single_line_drafts_end_at_their_first_line(tiny_model, decode):
+    tok = tiny_model.tokenizer
+    prompt = fim(tok, "x = [\n    1,\n    2,\n", "]\n")
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(32, SINGLE_LINE, prompt.healed), k=3)
     for draft in result.drafts:
         assert first_line(draft.text)[1] is False  # blank lines before the code are kept, none after it
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_drafts_with_the_same_text_are_merged(tiny_model, complete):
+@pytest.mark.parametrize("decode", DECODERS)
+def test_drafts_with_the_same_text_are_merged(tiny_model, decode):
     class Empty:
         def cut(self, text: str) -> int | None:
             return 0  # every draft is complete at once, and its text is ""
 
-    prompt = fim_prompt(tiny_model.tokenizer, "def f(x):\n    return ", "\n", heal=False)
-    result = complete(tiny_model.decoder, tiny_model.tokenizer, prompt, k=3, max_tokens=8, stop=Empty())
+    tok = tiny_model.tokenizer
+    prompt = fim(tok, "def f(x):\n    return ", "\n", heal=False)
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(8, Empty()), k=3)
     assert [d.text for d in result.drafts] == [""]
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_one_draft_is_greedy_decoding(tiny_model, complete):
+@pytest.mark.parametrize("decode", DECODERS)
+def test_one_draft_is_greedy_decoding(tiny_model, decode):
     """Without end-of-text: greedy stops at one, while the k-draft decoders keep a longer draft beside the one it
     ended and may rank that first by mean score."""
     tok = never_ending(tiny_model.tokenizer)
-    prompt = fim_prompt(tok, "for i in range(10):\n    print(", "\n")
-    greedy = greedy_complete(tiny_model.decoder, tok, prompt, max_tokens=10, stop=None)
-    result = complete(tiny_model.decoder, tok, prompt, k=1, max_tokens=10, stop=None)
+    prompt = fim(tok, "for i in range(10):\n    print(", "\n")
+    request = DecodeRequest(10, None, prompt.healed)
+    greedy = greedy_decode(tiny_model.decoder, vocabulary(tok), *start(tiny_model, prompt.ids), request)
+    result = _complete(decode, tiny_model, tok, prompt, request, k=1)
     assert [d.token_ids for d in result.drafts] == [greedy.drafts[0].token_ids]
 
 
@@ -123,31 +145,37 @@ def test_superposed_decoding_runs_one_forward_per_step_for_all_drafts(tiny_model
             calls.append(np.asarray(ids).shape)
             return decoder.forward(ids, *args, **kwargs)
 
-        def empty_past(self):
-            return decoder.empty_past()
-
     tok = never_ending(tiny_model.tokenizer)  # nothing finishes a draft, so all 8 tokens are decoded
-    prompt = fim_prompt(tok, "def wrap(text, width):\n    lines = ", "\n")
-    result = superposed_complete(Counting(), tok, prompt, k=3, max_tokens=8, stop=None)
-    steps = calls[1:]  # calls[0] is the prefill
-    assert len(steps) == 7 and result.drafts
+    prompt = fim(tok, "def wrap(text, width):\n    lines = ", "\n")
+    cache, logits = start(tiny_model, prompt.ids)  # the caller's prefill: not one of the decoder's steps
+    search = SuperposedSearch(3, history=before_cursor(tok, prompt))
+    result = superposed_decode(Counting(), vocabulary(tok), cache, logits, DecodeRequest(8, None, prompt.healed),
+                               search)
+    assert len(calls) == 7 and result.drafts
     # one row whose input mixes the alive drafts' last tokens (3, unless two candidates spell the same bytes)
-    assert all(len(shape) == 2 and shape[0] == 1 and 1 <= shape[1] <= 3 for shape in steps)
-    assert (1, 3) in steps
+    assert all(len(shape) == 2 and shape[0] == 1 and 1 <= shape[1] <= 3 for shape in calls)
+    assert (1, 3) in calls
 
 
-def test_beam_drafts_carry_their_true_log_probability(tiny_model_fp32):
-    """The batched baseline's attention mask gives each draft exactly its own history."""
+@pytest.mark.parametrize("hidden", [False, True])
+def test_beam_drafts_carry_their_true_log_probability(tiny_model_fp32, hidden):
+    """The batched baseline's attention mask gives each draft exactly its own history, also in a cache whose
+    prompt follows rows it must not see (the cache's hidden rows and the drafts' mask combine)."""
     model = tiny_model_fp32
     tok = never_ending(model.tokenizer)  # an end-of-text's log-probability is in the score, its token is not
-    prompt = fim_prompt(tok, "def wrap(text, width):\n    lines = ", "\n", heal=False)
-    result = batched_complete(model.decoder, tok, prompt, k=3, max_tokens=6, stop=None)
+    prompt = fim(tok, "def wrap(text, width):\n    lines = ", "\n", heal=False)
+    request = DecodeRequest(6, None)
+    if hidden:
+        cache, logits = start_past_hidden_rows(model, prompt.ids, tok.encode("x = 1\n" * 8), room=3 * 6)
+        result = beam_decode(model.decoder, vocabulary(tok), cache, logits, request, 3)
+    else:
+        result = _complete(_beam, model, tok, prompt, request, k=3)
     _assert_distinct_and_ranked(result.drafts, 3)
     for draft in result.drafts:
         ids = list(prompt.ids)
         total = 0.0
         for token in draft.token_ids:
-            _, logits = prefill(model.decoder, ids)
+            _, logits = start(model, ids, room=0)
             shifted = logits - logits.max()
             total += float(shifted[token] - np.log(np.exp(shifted).sum()))
             ids.append(token)
@@ -158,48 +186,57 @@ def test_the_ngram_model_steers_the_drafts(tiny_model):
     tok = tiny_model.tokenizer
     corpus = tok.encode("import os\nimport sys\n" * 20)
     ngram = NgramModel.from_sequences(tok.vocab_size, [corpus])
-    prompt = fim_prompt(tok, "import os\nimport sys\nimport", "", heal=False)
-    common = dict(k=3, max_tokens=4, stop=None, n_sample=tok.vocab_size, temperature=1.0)
-    free = superposed_complete(tiny_model.decoder, tok, prompt, **common)
-    unweighted = superposed_complete(tiny_model.decoder, tok, prompt, ngram=ngram, alpha=0.0, **common)
-    steered = superposed_complete(tiny_model.decoder, tok, prompt, ngram=ngram, alpha=0.9, **common)
-    assert [d.token_ids for d in unweighted.drafts] == [d.token_ids for d in free.drafts]  # α weighs it, no more
-    assert steered.drafts[0].text.startswith((" os\n", " sys\n"))
+    prompt = fim(tok, "import os\nimport sys\nimport", "", heal=False)
+    vocab, request = vocabulary(tok), DecodeRequest(4, None)
+
+    def drafts(**settings) -> list:
+        search = SuperposedSearch(3, history=before_cursor(tok, prompt), n_sample=tok.vocab_size, temperature=1.0,
+                                  **settings)
+        return superposed_decode(tiny_model.decoder, vocab, *start(tiny_model, prompt.ids), request, search).drafts
+
+    free = drafts()
+    unweighted = drafts(ngram=ngram, alpha=0.0)
+    steered = drafts(ngram=ngram, alpha=0.9)
+    assert [d.token_ids for d in unweighted] == [d.token_ids for d in free]  # α weighs it, no more
+    assert steered[0].text.startswith((" os\n", " sys\n"))
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_decoding_continues_a_cache_without_changing_it(tiny_model, complete):
-    tok, decoder = tiny_model.tokenizer, tiny_model.decoder
+@pytest.mark.parametrize("decode", DECODERS)
+def test_decoding_writes_in_place_and_never_changes_the_rows_it_was_lent(tiny_model, decode):
+    """A prompt that continues a cache: the rows [0, length) the decode starts from are bit-identical after it,
+    its own rows went into the same buffers after them, and the drafts and rows are those of a fresh decode."""
+    tok, decoder = never_ending(tiny_model.tokenizer), tiny_model.decoder  # no draft ends before a forward
+    vocab, request = vocabulary(tok), DecodeRequest(6, None)
     ids = tok.encode("import os\nimport sys\n\ndef main():\n")
-    rows, _ = prefill(decoder, ids[:-3])
-    before = [k.copy() for k in rows.keys]
-    continued = complete(decoder, tok, Prompt(ids[-3:], b""), k=3, max_tokens=6, stop=None, rows=rows,
-                         history=ids)
-    fresh = complete(decoder, tok, Prompt(ids, b""), k=3, max_tokens=6, stop=None)
+    cache, _ = start(tiny_model, ids[:-3], room=3 + 3 * 6)
+    logits = prefill(decoder, cache, ids[-3:])
+    length = cache.length
+    buffers = cache.keys + cache.values
+    before = [buf[:, :length].copy() for buf in buffers]
+    continued = decode(decoder, vocab, cache, logits, request, 3, ids)
+    fresh_cache, fresh_logits = start(tiny_model, ids, room=3 * 6)
+    fresh = decode(decoder, vocab, fresh_cache, fresh_logits, request, 3, ids)
     assert [d.token_ids for d in continued.drafts] == [d.token_ids for d in fresh.drafts]
-    assert all((a == b).all() for a, b in zip(before, rows.keys)) and rows.length == len(ids) - 3
+    assert all(a is b for a, b in zip(cache.keys + cache.values, buffers))
+    assert all(np.array_equal(buf[:, :length], old) for buf, old in zip(buffers, before))
+    assert cache.length == fresh_cache.length > length and cache.position == fresh_cache.position
+    assert all(np.array_equal(a[:, :cache.length], b[:, :cache.length])
+               for a, b in zip(buffers, fresh_cache.keys + fresh_cache.values))
 
 
-@pytest.mark.parametrize("complete", DECODERS)
-def test_cancelling_returns_the_drafts_so_far(tiny_model, complete):
-    prompt = fim_prompt(tiny_model.tokenizer, "def f(x):\n    return ", "\n", heal=False)
+@pytest.mark.parametrize("decode", DECODERS)
+def test_cancelling_returns_the_drafts_so_far(tiny_model, decode):
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, "def f(x):\n    return ", "\n", heal=False)
     polls = []
 
     def cancelled() -> bool:
         polls.append(1)
         return len(polls) >= 2
 
-    result = complete(tiny_model.decoder, never_ending(tiny_model.tokenizer), prompt, k=3, max_tokens=20, stop=None,
-                      cancelled=cancelled)
+    result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(20, None, cancelled=cancelled), k=3)
     assert result.timings["cancelled"] == 1.0
     assert result.drafts and all(len(d.token_ids) == 2 for d in result.drafts)
-
-
-def test_ngram_history_is_the_code_before_the_cursor(tiny_model):
-    tok = tiny_model.tokenizer
-    prompt = fim_prompt(tok, "import os\nimport sys\n", "print(1)\n", heal=False)
-    assert code_before_cursor(prompt, tok) == tok.encode("import os\nimport sys\n")
-    assert code_before_cursor(Prompt([5, 6, 7], b""), tok) == [5, 6, 7]
 
 
 def test_a_floor_keeps_tokens_the_ngram_model_has_not_seen(tiny_model):
@@ -209,14 +246,20 @@ def test_a_floor_keeps_tokens_the_ngram_model_has_not_seen(tiny_model):
     one's log p_llm is within α/(1-α) log(1/floor) of the LLM's best, whatever the n-gram model has seen."""
     tok = never_ending(tiny_model.tokenizer)
     ngram = NgramModel.from_sequences(tok.vocab_size, [tok.encode("import os\nimport sys\n" * 20)])
-    prompt = fim_prompt(tok, "import os\nimport sys\nimport", "", heal=False)
+    prompt = fim(tok, "import os\nimport sys\nimport", "", heal=False)
+    history = before_cursor(tok, prompt)
     alpha, floor = 0.01, 1e-3
-    common = dict(k=3, max_tokens=1, stop=None, n_sample=tok.vocab_size, temperature=1.0, alpha=alpha)
-    cut = superposed_complete(tiny_model.decoder, tok, prompt, ngram=ngram, ngram_floor=None, **common)
-    floored = superposed_complete(tiny_model.decoder, tok, prompt, ngram=ngram, ngram_floor=floor, **common)
-    seen = ngram.probs(code_before_cursor(prompt, tok), np.array([d.token_ids[0] for d in cut.drafts]))
+
+    def drafts(ngram_floor: float | None) -> list:
+        search = SuperposedSearch(3, ngram, history, alpha, temperature=1.0, n_sample=tok.vocab_size,
+                                  ngram_floor=ngram_floor)
+        return superposed_decode(tiny_model.decoder, vocabulary(tok), *start(tiny_model, prompt.ids),
+                                 DecodeRequest(1, None), search).drafts
+
+    cut, floored = drafts(None), drafts(floor)
+    seen = ngram.probs(history, np.array([d.token_ids[0] for d in cut]))
     assert (seen > 0).all()
-    _, logits = prefill(tiny_model.decoder, prompt.ids)
+    _, logits = start(tiny_model, prompt.ids, room=0)
     llm = logits - np.logaddexp.reduce(logits)
     bound = alpha / (1 - alpha) * np.log(1 / floor)
-    assert llm[floored.drafts[0].token_ids[0]] >= llm.max() - bound - 1e-4
+    assert llm[floored[0].token_ids[0]] >= llm.max() - bound - 1e-4

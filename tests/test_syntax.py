@@ -6,10 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference import syntax as syntax_module
-from inference.generate import completion_text, greedy_complete
-from inference.prompt import fim_prompt
-from inference.syntax import Budget, SyntaxStop, completion_scope, cursor_context, finish, repeated_suffix
+from inference.generate import completion_text
+from inference.syntax import stop as stop_module
+from inference.syntax.finish import finish, repeated_suffix
+from inference.syntax.scope import cursor_context
+from inference.syntax.stop import SyntaxStop
+from tests.decoding import fim, greedy
 from tests.fixtures import never_ending
 
 
@@ -53,14 +55,14 @@ EMPTY_BODIES = [
 
 @pytest.mark.parametrize("prefix", EMPTY_BODIES)
 def test_scope_is_multi_on_the_blank_line_of_an_empty_body(prefix):
-    assert completion_scope(prefix, "\n") == "multi"
-    assert completion_scope(prefix, "\n\nprint(1)\n") == "multi"  # a dedented line after it: still empty
+    assert cursor_context(prefix, "\n").scope == "multi"
+    assert cursor_context(prefix, "\n\nprint(1)\n").scope == "multi"  # a dedented line after it: still empty
 
 
 @pytest.mark.parametrize("prefix", ["def f(x):", "class A:", "if x:", "for x in y:", "try:", "with a as b:"])
 def test_scope_is_multi_at_the_end_of_a_header_with_an_empty_body(prefix):
-    assert completion_scope(prefix, "\n") == "multi"
-    assert completion_scope(prefix, "") == "multi"  # cursor at the end of the file
+    assert cursor_context(prefix, "\n").scope == "multi"
+    assert cursor_context(prefix, "").scope == "multi"  # cursor at the end of the file
 
 
 @pytest.mark.parametrize(("prefix", "suffix"), [
@@ -79,14 +81,14 @@ def test_scope_is_multi_at_the_end_of_a_header_with_an_empty_body(prefix):
     ("import os\n", ""),  # end of file
 ])
 def test_scope_is_single_elsewhere(prefix, suffix):
-    assert completion_scope(prefix, suffix) == "single"
+    assert cursor_context(prefix, suffix).scope == "single"
 
 
 def test_scope_uses_braces_for_other_languages():
-    assert completion_scope("function f() {\n    ", "\n}\n", "javascript") == "multi"
-    assert completion_scope("function f() {", "\n}\n", "javascript") == "multi"
-    assert completion_scope("function f() {\n    ", "\n    return 1;\n}\n", "javascript") == "single"
-    assert completion_scope("const a = f(", ");\n", "typescript") == "single"
+    assert cursor_context("function f() {\n    ", "\n}\n", "javascript").scope == "multi"
+    assert cursor_context("function f() {", "\n}\n", "javascript").scope == "multi"
+    assert cursor_context("function f() {\n    ", "\n    return 1;\n}\n", "javascript").scope == "single"
+    assert cursor_context("const a = f(", ");\n", "typescript").scope == "single"
 
 
 # --- multi scope: the node begun at the cursor ------------------------------------------------------------------
@@ -108,7 +110,7 @@ def test_scope_uses_braces_for_other_languages():
     ("def f():\n    ", "return {\n'a': 1,\n}\n# done\n", "return {\n'a': 1,\n}"),
 ])
 def test_a_block_ends_at_the_line_that_dedents_out_of_it(prefix, completion, expected):
-    assert completion_scope(prefix, "\n") == "multi"
+    assert cursor_context(prefix, "\n").scope == "multi"
     assert stream(prefix, "\n", completion)[0] == expected
 
 
@@ -133,7 +135,7 @@ def test_a_decorator_continues_into_its_definition():
 
 def test_forced_multi_mid_body_stops_after_one_statement():
     prefix = "def f():\n    a = 0\n    "
-    assert completion_scope(prefix, "\n    return a\n") == "single"
+    assert cursor_context(prefix, "\n    return a\n").scope == "single"
     assert stream(prefix, "\n    return a\n", "a += 1\n    b = 2\n", "multi")[0] == "a += 1"
     completion = "for i in range(3):\n        a += i\n    print(a)\n"
     assert stream(prefix, "\n", completion, "multi")[0] == "for i in range(3):\n        a += i"
@@ -191,7 +193,7 @@ def test_braces_end_a_block_in_other_languages():
     ("    ", "\n    return x\n", "return x\n", ""),  # the next line, written again
 ])
 def test_a_single_line_stops_at_its_end_or_where_the_suffix_takes_over(prefix, suffix, completion, expected):
-    assert completion_scope(prefix, suffix) == "single"
+    assert cursor_context(prefix, suffix).scope == "single"
     assert stream(prefix, suffix, completion)[0] == expected
 
 
@@ -219,7 +221,7 @@ PREFIXES = st.sampled_from(["", "x = ", "foo(", "s = '", "def f(x):\n    ", "if 
 @settings(max_examples=300, deadline=None)
 @given(prefix=PREFIXES, suffix=LINES, completion=LINES, step=st.integers(1, 4))
 def test_any_completion_is_cut_to_a_prefix_of_itself(prefix, suffix, completion, step):
-    scope = completion_scope(prefix, suffix)
+    scope = cursor_context(prefix, suffix).scope
     kept, _ = stream(prefix, suffix, completion, step=step)
     assert completion.startswith(kept)
     if scope == "single":
@@ -231,14 +233,12 @@ def test_cut_is_stable_and_restarts_on_a_changed_text():
     rule = SyntaxStop("def f():\n    ", "\n")
     assert rule.cut("return 1\nx") is None
     assert rule.cut("return 1\nx ") == len("return 1")
-    assert rule.cut("return 1\nx ") == len("return 1")  # greedy_complete asks again with the same text
+    assert rule.cut("return 1\nx ") == len("return 1")  # greedy_decode asks again with the same text
     assert rule.cut("return 1\nx = 2") == len("return 1")
     # A text that does not extend the last one (a multi-byte character decoded in two steps) starts over.
     assert rule.cut("return '\ufffd") is None
     assert rule.cut("return 'é'\n") is None
     assert rule.cut("return 'é'\nx ") == len("return 'é'")
-    fresh = rule.fresh()
-    assert fresh.scope == "multi" and fresh.cut("return 'é'\nx ") == len("return 'é'")
 
 
 def test_cut_scans_only_new_text_on_a_long_file(monkeypatch):
@@ -246,7 +246,7 @@ def test_cut_scans_only_new_text_on_a_long_file(monkeypatch):
     the characters the completion gained, so a completion costs linear, not quadratic, work."""
     prefix = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(700)) + "def g(x):\n    "
     completion = "".join(f"value_{i} = compute(x, {i})\n    " for i in range(30)) + "return x\nz = 1\n"
-    scanned, advance = [0], syntax_module.advance
+    scanned, advance = [0], stop_module.advance
 
     def counting_advance(lex, text, state, start=0, end=None, **kwargs):
         scanned[0] += (len(text) if end is None else end) - start
@@ -254,7 +254,7 @@ def test_cut_scans_only_new_text_on_a_long_file(monkeypatch):
 
     cursor_context.cache_clear()
     rule = SyntaxStop(prefix, "\n")
-    monkeypatch.setattr(syntax_module, "advance", counting_advance)
+    monkeypatch.setattr(stop_module, "advance", counting_advance)
     calls = 0
     for n in range(4, len(completion) + 4, 4):
         calls += 1
@@ -325,13 +325,7 @@ def test_finish_with_crlf_and_an_empty_file():
     assert finish("import os\n", "", "") == "import os"
 
 
-# --- budget and decoding ----------------------------------------------------------------------------------------
-
-def test_budget_counts_tokens_and_time():
-    assert not Budget(4).spent(3) and Budget(4).spent(4)
-    assert Budget(100, max_seconds=0.0).spent(0)
-    assert not Budget(100, max_seconds=60.0).spent(0)
-
+# --- decoding ---------------------------------------------------------------------------------------------------
 
 def _first_stop(rule: SyntaxStop, tokenizer, token_ids: list[int]) -> int:
     """How many of `token_ids` a decode streaming through `rule` keeps: up to the first that completes it."""
@@ -350,11 +344,11 @@ def test_greedy_decoding_with_the_single_line_rule(tiny_model):
     tok = never_ending(tiny_model.tokenizer)
     rule = SyntaxStop(prefix, suffix)
     assert rule.scope == "single"
-    prompt = fim_prompt(tok, prefix, suffix, heal=False)
-    draft = greedy_complete(tiny_model.decoder, tok, prompt, max_tokens=24, stop=rule).drafts[0]
-    free = greedy_complete(tiny_model.decoder, tok, prompt, max_tokens=24, stop=None).drafts[0]
+    prompt = fim(tok, prefix, suffix, heal=False)
+    draft = greedy(tiny_model, prompt, max_tokens=24, stop=rule, tokenizer=tok).drafts[0]
+    free = greedy(tiny_model, prompt, max_tokens=24, stop=None, tokenizer=tok).drafts[0]
     assert len(free.token_ids) == 24
-    assert draft.token_ids == free.token_ids[:_first_stop(rule.fresh(), tok, free.token_ids)]
+    assert draft.token_ids == free.token_ids[:_first_stop(SyntaxStop(prefix, suffix), tok, free.token_ids)]
     text = draft.text
     assert "\n" not in text.lstrip("\r\n") and free.text.startswith(text)
     out = finish(text, prefix, suffix)
@@ -366,11 +360,11 @@ def test_greedy_decoding_with_the_block_rule(tiny_model):
     tok = never_ending(tiny_model.tokenizer)
     rule = SyntaxStop(prefix, suffix)
     assert rule.scope == "multi"
-    prompt = fim_prompt(tok, prefix, suffix, heal=False)
-    draft = greedy_complete(tiny_model.decoder, tok, prompt, max_tokens=48, stop=rule).drafts[0]
-    free = greedy_complete(tiny_model.decoder, tok, prompt, max_tokens=48, stop=None).drafts[0]
+    prompt = fim(tok, prefix, suffix, heal=False)
+    draft = greedy(tiny_model, prompt, max_tokens=48, stop=rule, tokenizer=tok).drafts[0]
+    free = greedy(tiny_model, prompt, max_tokens=48, stop=None, tokenizer=tok).drafts[0]
     assert len(free.token_ids) == 48
-    assert draft.token_ids == free.token_ids[:_first_stop(rule.fresh(), tok, free.token_ids)]
+    assert draft.token_ids == free.token_ids[:_first_stop(SyntaxStop(prefix, suffix), tok, free.token_ids)]
     assert free.text.startswith(draft.text)
     out = finish(draft.text, prefix, suffix)
     lines = (prefix.rsplit("\n", 1)[-1] + out).splitlines()

@@ -15,9 +15,11 @@ export const SERVER_OPTION_KEYS = [
     'maxTokens',
     'scope',
     'speculative',
+    'layout',
     'cacheMode',
     'memoryBudgetMb',
     'refresh',
+    'prefetch',
     'logLevel',
 ] as const;
 

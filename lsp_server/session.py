@@ -1,0 +1,289 @@
+"""The session: the open documents as the editor has them, the suggestions last shown for each, the requests in
+flight, and the prefetch: the suggestions for the text as it will be once the shown one is accepted.
+
+It works in code points on the documents' text; the handlers translate positions, and the model host runs the model.
+A request is answered, in this order, from the prefetch when the editor inserted exactly the suggestion it was
+computed for, from the shown suggestions when the user typed the start of one, else from the model; a model result
+for a document that changed meanwhile is dropped (ContentModified).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+from pygls.exceptions import JsonRpcContentModified, JsonRpcInvalidParams
+
+from kv_cache.edits import TextEdit
+from lsp_server.completer import CompletionOptions, CompletionOutcome, Suggestion
+from lsp_server.model_host import ModelHost, text_digest
+from lsp_server.positions import same_line
+from lsp_server.suggestions import ShownSuggestions
+from lsp_server.worker import SKIPPED
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Document:
+    uri: str
+    language_id: str
+    version: int
+    text: str
+
+
+@dataclass
+class Generation:
+    """A model job for one document, and how it is told to stop: a newer request or an edit stops a request's,
+    any other job stops a prefetch."""
+
+    version: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    steps: int = 0  # cancel checks so far: one before decoding, then one per step (superpie.stats shows it)
+    stopped_at: int | None = None  # `steps` when it was told to stop
+
+    def cancelled(self) -> bool:
+        """The decoder's check before each step (on the worker thread)."""
+        self.steps += 1
+        return self.cancel.is_set()
+
+    def stop(self) -> bool:
+        """Stop at the next check; False if it had been told already."""
+        if self.cancel.is_set():
+            return False
+        self.stopped_at = self.steps
+        self.cancel.set()
+        return True
+
+
+@dataclass
+class Prefetch:
+    """The suggestions for `uri` with the best suggestion inserted at the cursor and the cursor after it, computed
+    at idle priority. Keyed by that text (its length and digest) and cursor, the options and the model load."""
+
+    uri: str
+    length: int
+    digest: str
+    offset: int
+    options: CompletionOptions
+    serial: int
+    generation: Generation
+    future: Future | None = None
+
+    def serves(self, options: CompletionOptions, serial: int) -> bool:
+        """Computed by this model with these options, and at least as many drafts (as typed-through answers)."""
+        return serial == self.serial and self.options.drafts >= options.drafts and \
+            replace(self.options, drafts=options.drafts) == options
+
+    def outcome(self) -> CompletionOutcome | None:
+        """The finished result; None while it runs, or if it failed, yielded or found no document."""
+        if self.future is None or not self.future.done() or self.future.exception() is not None:
+            return None
+        outcome = self.future.result()
+        return None if outcome is SKIPPED or outcome is None or outcome.cancelled else outcome
+
+    def state(self) -> str:
+        future = self.future
+        if future is None or not future.done():
+            return "running" if self.generation.steps else "queued"
+        if future.exception() is not None:
+            return "failed"
+        if self.outcome() is not None:
+            return "ready"
+        return "closed" if future.result() is None else "yielded"
+
+
+class Session:
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+        self.documents: dict[str, Document] = {}
+        self.shown: dict[str, ShownSuggestions] = {}
+        self.inflight: dict[str, Generation] = {}
+        self.prefetch: Prefetch | None = None
+        self.counters: Counter[str] = Counter()
+
+    # -- text sync -------------------------------------------------------------------------------------------
+
+    def open(self, uri: str, language_id: str, version: int, text: str) -> None:
+        self._cancel_generation(uri)
+        self._drop_prefetch(uri)
+        self.documents[uri] = Document(uri, language_id, version, text)
+        self.shown.pop(uri, None)
+        self.host.open(uri, text, language_id)
+
+    def change(self, doc: Document, version: int, edits: list[TextEdit], text_after: str) -> None:
+        """`edits` (code points, in order) took `doc` to `text_after` at `version`."""
+        self._cancel_generation(doc.uri)
+        if version <= doc.version:
+            log.warning("%s: version %s after %s (out of order?)", doc.uri, version, doc.version)
+        doc.version = version
+        if edits:
+            doc.text = text_after
+            self.host.change(doc.uri, edits, text_after, doc.language_id)
+
+    def close(self, uri: str) -> None:
+        self._cancel_generation(uri)
+        self._drop_prefetch(uri)
+        self.shown.pop(uri, None)
+        if self.documents.pop(uri, None) is not None:
+            self.host.close(uri)
+
+    def document(self, uri: str) -> Document:
+        doc = self.documents.get(uri)
+        if doc is None:
+            raise JsonRpcInvalidParams(f"document {uri} is not open")
+        return doc
+
+    def snapshot(self) -> dict[str, tuple[str, str]]:
+        """Each document's text and language id, as a model load re-opens them."""
+        return {uri: (doc.text, doc.language_id) for uri, doc in self.documents.items()}
+
+    def cancel_all(self) -> None:
+        for gen in list(self.inflight.values()):
+            gen.stop()
+        self._drop_prefetch()
+
+    # -- suggestions -----------------------------------------------------------------------------------------
+
+    async def suggest(self, doc: Document, offset: int, options: CompletionOptions, *,
+                      prefetch: bool = False) -> list[Suggestion]:
+        """Suggestions at `offset` of `doc` as it is now. ContentModified if the document changes before the model
+        answers; an empty list if a newer request for the document took over. With `prefetch`, the suggestions
+        after accepting the best one are then computed while the model is idle."""
+        suggestions = self._prefetched(doc, offset, options)
+        if suggestions is None:
+            suggestions = self._typed_through(doc, offset, options)
+        if suggestions is None:
+            suggestions = await self._from_model(doc, offset, options)
+        if prefetch and suggestions:
+            self._prefetch_after(doc, offset, suggestions[0], options)
+        return suggestions
+
+    async def preview(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion] | None:
+        """The drafts for a hover: from the latest suggestions on this line, else computed if the model is free (a
+        prefetch yields to it). A busy model means no preview rather than a hover that waits for a decode."""
+        shown = self.shown.get(doc.uri)
+        if shown is not None:
+            rest = shown.continue_at(doc.text, offset)
+            if rest:
+                return rest
+            if shown.text == doc.text and same_line(doc.text, shown.offset, offset):
+                return list(shown.suggestions)
+        if not self.host.can_compute_now():
+            return None
+        return await self.suggest(doc, offset, options)
+
+    def _typed_through(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion] | None:
+        """The rest of the shown suggestions when the user typed the start of one of them."""
+        shown = self.shown.get(doc.uri)
+        if shown is None or shown.drafts < options.drafts:
+            return None
+        rest = shown.continue_at(doc.text, offset)
+        if not rest:
+            return None
+        self.counters["typed_through"] += 1
+        return rest
+
+    async def _from_model(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion]:
+        text, version = doc.text, doc.version
+        if self.host.state == "not loaded":  # initialized is still pulling the settings the load needs
+            await self.host.until_load_queued()
+            if doc.text is not text:
+                raise JsonRpcContentModified(f"{doc.uri} changed before the model was queued")
+        if self.host.state == "failed":
+            return []
+        self._cancel_generation(doc.uri, superseded=True)
+        gen = Generation(version)
+        self.inflight[doc.uri] = gen
+        future = self.host.complete(doc.uri, offset, options, gen.cancelled, gen.cancel)
+        try:
+            outcome = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # $/cancelRequest: stop the decode at its next step
+            gen.stop()
+            self.counters["cancelled_by_client"] += 1
+            raise
+        finally:
+            if self.inflight.get(doc.uri) is gen:
+                del self.inflight[doc.uri]
+        finished = outcome is not SKIPPED and outcome is not None and not outcome.cancelled
+        if finished:  # even if stale: typing through it may still answer the next request
+            self.shown[doc.uri] = ShownSuggestions(text, offset, tuple(outcome.suggestions), options.drafts)
+        current = self.documents.get(doc.uri)
+        if current is not doc or doc.version != gen.version or doc.text is not text:
+            self.counters["stale_dropped"] += 1
+            raise JsonRpcContentModified(f"{doc.uri} changed while completing; the result for version "
+                                         f"{gen.version} was dropped")
+        if not finished:
+            return []
+        self.counters["completions"] += 1
+        return list(outcome.suggestions)
+
+    def _cancel_generation(self, uri: str, *, superseded: bool = False) -> None:
+        gen = self.inflight.get(uri)
+        if gen is not None and gen.stop():
+            self.counters["superseded" if superseded else "cancelled_by_edit"] += 1
+
+    # -- prefetch --------------------------------------------------------------------------------------------
+
+    def _prefetch_after(self, doc: Document, offset: int, best: Suggestion, options: CompletionOptions) -> None:
+        """Queue the suggestions for `doc` with `best` accepted, unless they are queued or known already."""
+        if best.replace_suffix or self.host.state != "ready":
+            return
+        after = doc.text[:offset] + best.text + doc.text[offset:]
+        length, digest, cursor = len(after), text_digest(after), offset + len(best.text)
+        current = self.prefetch
+        if current is not None and (current.uri, current.length, current.digest, current.offset) == \
+                (doc.uri, length, digest, cursor) and current.serves(options, self.host.serial) and \
+                current.state() in ("queued", "running", "ready"):
+            return  # typing through the suggestion leads to the same text
+        self._drop_prefetch()
+        gen = Generation(doc.version)
+        prefetch = Prefetch(doc.uri, length, digest, cursor, options, self.host.serial, gen)
+        prefetch.future = self.host.prefetch(doc.uri, offset, best.text, options, gen.cancelled, gen.cancel,
+                                             partial(self._yield_prefetch, gen))
+        self.prefetch = prefetch
+
+    def _prefetched(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion] | None:
+        """The prefetched suggestions if `doc` and `offset` are what they were computed for."""
+        prefetch = self.prefetch
+        if prefetch is None or (prefetch.uri, prefetch.offset, prefetch.length) != (doc.uri, offset, len(doc.text)) \
+                or not prefetch.serves(options, self.host.serial):
+            return None
+        outcome = prefetch.outcome()
+        if outcome is None or text_digest(doc.text) != prefetch.digest:
+            return None
+        self.counters["prefetch_hits"] += 1
+        self.shown[doc.uri] = ShownSuggestions(doc.text, offset, tuple(outcome.suggestions), prefetch.options.drafts)
+        return list(outcome.suggestions)
+
+    def _yield_prefetch(self, gen: Generation) -> None:
+        """Another job was submitted: the running prefetch stops at its next step (called on the event loop)."""
+        if gen.stop():
+            self.counters["prefetch_yielded"] += 1
+
+    def _drop_prefetch(self, uri: str | None = None) -> None:
+        """Forget the prefetch (for `uri` only, if given), stopping it if it runs."""
+        if self.prefetch is not None and uri in (None, self.prefetch.uri):
+            self.prefetch.generation.stop()
+            self.prefetch = None
+
+    # -- statistics ------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        prefetch = self.prefetch
+        return {
+            "documents": len(self.documents),
+            "versions": {uri: doc.version for uri, doc in self.documents.items()},
+            "counters": dict(self.counters),
+            "decoding": {uri: gen.steps for uri, gen in self.inflight.items()},
+            "prefetch": None if prefetch is None else {
+                "uri": prefetch.uri, "state": prefetch.state(), "steps": prefetch.generation.steps,
+                "steps_after_stop": None if prefetch.generation.stopped_at is None
+                else prefetch.generation.steps - prefetch.generation.stopped_at},
+        }
