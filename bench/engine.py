@@ -8,7 +8,7 @@ The parent prints a markdown table and writes a JSON summary. Machines are noisy
 the baseline measured in the same run (`other_processes_cores` says how busy the machine was meanwhile).
 
     python -m bench.engine [--json OUT] [--model M] [--cache DIR] [--quick] [--quantizations Q ...] [--rounds N]
-                           [--profile] [--speed-sources F ...] [--quality-source F]
+                           [--profile] [--quiet-s S] [--speed-sources F ...] [--quality-source F]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ VERIFY_SIZES = (1, 4, 8, 16)
 PREFILL_CHUNK = 512  # as the decoders prefill
 QUALITY_CHUNK = 256  # logits for every position are [chunk, vocab]: bound that memory
 PROFILE_STEPS, PROFILE_WARMUP = 24, 3
+QUIET_CORES = 0.08  # a block of steps is timed on a quiet machine when other processes used less than this
+QUIET_BLOCK, QUIET_STEPS = 4, 24  # steps per quiet block; quiet steps wanted per past
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the graph's weight MatMuls per layer (inference/graph.py)
 ATTENTION_OPS = {"FusedMatMul": "attention: scores q k^T", "MatMul": "attention: probs @ V",
                  "Softmax": "attention: softmax"}  # what is left of these ops once the weight MatMuls are named
@@ -110,21 +112,22 @@ def measure_prefill(model: LoadedModel, ids: list[int], sizes: tuple[int, ...]) 
     return result
 
 
-def measure_decode(decoder: Decoder, rows: Rows, pasts: Sequence[int], next_ids: list[int]) -> dict[str, float]:
+def measure_decode(decoder: Decoder, rows: Rows, pasts: Sequence[int], next_ids: list[int],
+                   quiet_s: float = 0.0) -> dict[str, float]:
     """Median single-token step (forward + in-place row write) after each number of cached rows.
 
     `rows` holds at least max(pasts) rows of real code. The rows [0, P) of a longer prefill are those of a
     prefill of P tokens (causal attention), so each past truncates to P; the longest goes first, so the rows a
-    step overwrites are never read by a later one."""
+    step overwrites are never read by a later one. With `quiet_s`, each past also gets up to that many seconds
+    to time steps while no other process uses the CPUs (`decode_quiet_*`, see quiet_steps)."""
     ms: dict[int, float] = {}
+    quiet: dict[int, list[float]] = {}
     for past in sorted(pasts, reverse=True):
         rows.length = past
-        times = []
-        for token in next_ids:
-            t0 = time.perf_counter()
-            rows.forward(decoder, np.array([token]))
-            times.append(time.perf_counter() - t0)
-        ms[past] = statistics.median(times[1:]) * 1e3  # the first step after a truncation warms caches
+        times = [timed_step(decoder, rows, token) for token in next_ids]
+        ms[past] = statistics.median(times[1:])  # the first step after a truncation warms caches
+        if quiet_s > 0:
+            quiet[past] = quiet_steps(decoder, rows, past, next_ids[:QUIET_BLOCK + 1], quiet_s)
     result: dict[str, float] = {"decode_tok_s": 1e3 / ms[PAST]}
     for past in sorted(pasts):
         result[f"decode_tok_s_{past}"] = 1e3 / ms[past]
@@ -132,7 +135,37 @@ def measure_decode(decoder: Decoder, rows: Rows, pasts: Sequence[int], next_ids:
     # what each cached row adds to a step: attention (and its Concat) only, when nothing else copies the past
     result["decode_us_per_row"] = (ms[max(pasts)] - ms[min(pasts)]) * 1e3 / (max(pasts) - min(pasts))
     result["decode_steps"] = len(next_ids) - 1
+    for past in sorted(quiet):
+        result[f"decode_quiet_steps_{past}"] = len(quiet[past])
+        if quiet[past]:
+            result[f"decode_quiet_tok_s_{past}"] = 1e3 / statistics.median(quiet[past])
     return result
+
+
+def timed_step(decoder: Decoder, rows: Rows, token: int) -> float:
+    """ms of one decode step: the forward after the rows and the write of its row."""
+    t0 = time.perf_counter()
+    rows.forward(decoder, np.array([token]))
+    return (time.perf_counter() - t0) * 1e3
+
+
+def quiet_steps(decoder: Decoder, rows: Rows, past: int, tokens: list[int], budget_s: float) -> list[float]:
+    """Step times (ms) after `past` rows, from blocks during which other processes used the CPUs less than
+    QUIET_CORES, waiting for such moments for at most `budget_s`: on a shared machine these are the figures
+    of the machine itself. Empty off Linux (no /proc/stat) or when no moment was quiet."""
+    kept: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(kept) < QUIET_STEPS and time.perf_counter() < deadline and cpu_mark() is not None:
+        idle = cpu_mark()
+        time.sleep(0.3)
+        if other_cores(idle) > QUIET_CORES:
+            continue
+        mark = cpu_mark()
+        rows.length = past
+        block = [timed_step(decoder, rows, token) for token in tokens]
+        if other_cores(mark) <= QUIET_CORES:
+            kept += block[1:]  # the first step after the truncation warms caches
+    return kept
 
 
 def measure_verify(decoder: Decoder, rows: Rows, draft: list[int], runs: int) -> dict[str, float]:
@@ -211,15 +244,25 @@ def profile_decode(model: LoadedModel, rows: Rows, next_ids: list[int]) -> dict[
     return ms
 
 
-def busy_cpu_s() -> tuple[float, float] | None:
-    """(CPU seconds all processes have used, CPU seconds this one has) from /proc/stat, or None off Linux."""
+def cpu_mark() -> tuple[float, float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this one has, wall time) from /proc/stat, or None off
+    Linux. Steal time counts as used: on a virtual machine it is another guest's."""
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime,
+            time.perf_counter())
+
+
+def other_cores(since: tuple[float, float, float] | None) -> float:
+    """How many cores other processes used on average since a cpu_mark (inf when unknown)."""
+    now = cpu_mark()
+    if since is None or now is None:
+        return math.inf
+    return max((now[0] - since[0]) - (now[1] - since[1]), 0.0) / max(now[2] - since[2], 1e-9)
 
 
 def peak_rss_mb() -> float:
@@ -238,7 +281,7 @@ def bench_prepare(model_name: str, quantization: str, *, cache: Path | None) -> 
 
 def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: bool,
               speed_sources: Sequence[Path] | None = None, quality_source: Path | None = None,
-              profile: bool = False) -> dict[str, Any]:
+              profile: bool = False, quiet_s: float = 0.0) -> dict[str, Any]:
     """Every measurement for one prepared quantization; runs inside the `--one` subprocess.
 
     The code measured defaults to SPEED_SOURCES and QUALITY_SOURCE of this Python's standard library.
@@ -246,7 +289,7 @@ def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: 
     """
     model = load_model(model_name, quantization, cache=cache, progress=False)
     decoder = model.decoder
-    busy_at_start, started = busy_cpu_s(), time.perf_counter()
+    started = cpu_mark()
     sizes = QUICK_PREFILL_SIZES if quick else PREFILL_SIZES
     pasts = QUICK_DECODE_PASTS if quick else DECODE_PASTS
     decode_steps, verify_runs = (9, 5) if quick else (33, 9)
@@ -266,14 +309,12 @@ def bench_one(model_name: str, quantization: str, *, cache: Path | None, quick: 
     rows = Rows(model.config, longest + decode_steps)
     prefill(decoder, rows, ids[:max(pasts)])
     result.update(measure_verify(decoder, rows, ids[PAST:], verify_runs))  # writes nothing: first
-    result.update(measure_decode(decoder, rows, pasts, ids[max(pasts):max(pasts) + decode_steps]))
+    result.update(measure_decode(decoder, rows, pasts, ids[max(pasts):max(pasts) + decode_steps], quiet_s))
     result["peak_rss_mb"] = peak_rss_mb()
     result.update(measure_quality(model, code_tokens(model, [quality_source], 256 if quick else 1024)))
     result["quality_peak_rss_mb"] = peak_rss_mb()
-    busy_at_end = busy_cpu_s()
-    if busy_at_start and busy_at_end:  # a shared machine: how many cores others took while this ran
-        others = (busy_at_end[0] - busy_at_start[0]) - (busy_at_end[1] - busy_at_start[1])
-        result["other_processes_cores"] = max(others, 0.0) / (time.perf_counter() - started)
+    if started is not None:  # a shared machine: how many cores others took while this ran
+        result["other_processes_cores"] = other_cores(started)
     if profile:
         result["decode_profile_ms"] = profile_decode(model, rows, ids[PAST:])
     return result
@@ -306,11 +347,15 @@ def bench_quantization(model: str, quantization: str, *, cache: Path | None, qui
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several rounds: the median of each number, the first round's everything else."""
+    """One result from several rounds: the median of each number (over the rounds that have it), the first
+    round's everything else."""
     merged = dict(runs[0])
-    for key, value in runs[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            merged[key] = statistics.median(run[key] for run in runs)
+    for key in dict.fromkeys(k for run in runs for k in run):
+        values = [run[key] for run in runs if key in run]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = statistics.median(values)
+        else:
+            merged.setdefault(key, values[0])
     return merged
 
 
@@ -347,10 +392,11 @@ def machine_info() -> dict[str, Any]:
             "python": sys.version.split()[0], "superpie_threads": os.environ.get("SUPERPIE_THREADS")}
 
 
-def table_rows(baseline: dict[str, Any]) -> list[str]:
-    """The numeric metrics, in the order measured."""
+def table_rows(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The numeric metrics of any run, in the order measured."""
     skip = {"threads", "decode_steps", "quality_tokens", "decode_tok_s"}  # decode_tok_s: decode_tok_s_1024
-    return [k for k, v in baseline.items() if isinstance(v, (int, float)) and k not in skip]
+    return [k for k in dict.fromkeys(k for run in runs.values() for k in run)
+            if k not in skip and any(isinstance(run.get(k), (int, float)) for run in runs.values())]
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -359,10 +405,12 @@ def format_table(summary: dict[str, Any]) -> str:
     baseline, others = runs[BASELINE], [name for name in runs if name != BASELINE]
     lines = ["| metric | " + " | ".join([BASELINE] + [f"{n} | {n}/{BASELINE}" for n in others]) + " |",
              "|---|---:|" + "---:|---:|" * len(others)]
-    for key in table_rows(baseline):
-        a = baseline[key]
-        cells = [f"{a:.2f}"] + [f"{runs[n][key]:.2f} | {runs[n][key] / a:.2f}" if a else f"{runs[n][key]:.2f} | -"
-                                for n in others]
+    for key in table_rows(runs):
+        a = baseline.get(key)
+        cells = [f"{a:.2f}" if a is not None else "-"]
+        for name in others:
+            b = runs[name].get(key)
+            cells.append("- | -" if b is None else f"{b:.2f} | {b / a:.2f}" if a else f"{b:.2f} | -")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     quality = summary["quality"]
     tokens = next(iter(quality.values()))["tokens"] if quality else 0
@@ -394,15 +442,17 @@ def write_json(summary: dict[str, Any], path: Path) -> None:
 def run_engine_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, cache: Path | None = None,
                      quick: bool = False, speed_sources: Sequence[Path] | None = None,
                      quality_source: Path | None = None, quantizations: Sequence[str] = (DEFAULT_QUANTIZATION,),
-                     rounds: int = 1, profile: bool = False) -> dict[str, Any]:
+                     rounds: int = 1, profile: bool = False, quiet_s: float = 0.0) -> dict[str, Any]:
     """Measure fp32 and each of `quantizations`, print the table, write the JSON; returns the summary.
 
     Each round measures every quantization once, in turn, so that a noisy machine disturbs them alike; the
     figures are medians over rounds. `speed_sources` (timed) and `quality_source` (perplexity) are the code
     measured; by default, this Python's standard library files SPEED_SOURCES and QUALITY_SOURCE (tests pass
-    fixed files: every machine, same text). `profile` adds a traced decode step's time by kind of work.
+    fixed files: every machine, same text). `profile` adds a traced decode step's time by kind of work;
+    `quiet_s` gives each decode past up to that many seconds to be timed while no other process runs.
     """
     extra = source_args(speed_sources, quality_source) + (["--profile"] if profile else [])
+    extra += ["--quiet-s", str(quiet_s)] if quiet_s > 0 else []
     names = [BASELINE] + [q for q in quantizations if q != BASELINE]
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for _ in range(rounds):
@@ -445,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"measured against {BASELINE} (default: {DEFAULT_QUANTIZATION})")
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all quantizations; figures are medians")
     parser.add_argument("--profile", action="store_true", help="also trace a decode step: time by kind of op")
+    parser.add_argument("--quiet-s", type=float, default=0.0, metavar="S",
+                        help="on a shared machine: per decode past, wait up to S seconds for moments when no other "
+                             "process runs and time steps then too (decode_quiet_tok_s_*)")
     internal = parser.add_mutually_exclusive_group()
     internal.add_argument("--prepare", metavar="QUANT", help="internal: fetch and convert one quantization")
     internal.add_argument("--one", metavar="QUANT", help="internal: measure one quantization, print its JSON")
@@ -454,11 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.one:
         print(json.dumps(bench_one(args.model, args.one, cache=args.cache, quick=args.quick,
                                    speed_sources=args.speed_sources, quality_source=args.quality_source,
-                                   profile=args.profile)))
+                                   profile=args.profile, quiet_s=args.quiet_s)))
     else:
         run_engine_bench(args.model, json_out=args.json_out, cache=args.cache, quick=args.quick,
                          speed_sources=args.speed_sources, quality_source=args.quality_source,
-                         quantizations=args.quantizations, rounds=args.rounds, profile=args.profile)
+                         quantizations=args.quantizations, rounds=args.rounds, profile=args.profile,
+                         quiet_s=args.quiet_s)
     return 0
 
 
