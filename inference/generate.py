@@ -25,8 +25,23 @@ from inference.tokenizer import CodeTokenizer
 PREFILL_CHUNK = 512  # bounds the [chunk, past + chunk] mask and lets callers interleave other work
 
 
-def _never() -> bool:
+def never() -> bool:
+    """The `cancelled` of a decode nothing can cancel."""
     return False
+
+
+def grow_rows(old: np.ndarray, capacity: int, used: int) -> np.ndarray:
+    """A copy of `old` with `capacity` rows along its row axis (axis 1 of [kv, rows, hd], else axis 0); rows
+    past `used` are left unset."""
+    axis = 1 if old.ndim == 3 else 0
+    shape = list(old.shape)
+    shape[axis] = capacity
+    new = np.empty(shape, old.dtype)
+    if axis:
+        new[:, :used] = old[:, :used]
+    else:
+        new[:used] = old[:used]
+    return new
 
 
 class DecodeCache:
@@ -100,17 +115,9 @@ class DecodeCache:
         if rows <= self.capacity:
             return
         capacity, n = max(rows, 2 * self.capacity), self.length
-
-        def grown(old: np.ndarray) -> np.ndarray:
-            new = np.empty((old.shape[0], capacity, old.shape[2]), old.dtype)
-            new[:, :n] = old[:, :n]
-            return new
-
-        self.keys = [grown(k) for k in self.keys]
-        self.values = [grown(v) for v in self.values]
-        bias = np.zeros(capacity, np.float32)
-        bias[:n] = self._bias[:n]
-        self._bias = bias
+        self.keys = [grow_rows(k, capacity, n) for k in self.keys]
+        self.values = [grow_rows(v, capacity, n) for v in self.values]
+        self._bias = grow_rows(self._bias, capacity, n)  # a row's bias is set when it is written
 
 
 def prefill(decoder: Decoder, cache: DecodeCache, ids: list[int]) -> np.ndarray:
@@ -203,7 +210,7 @@ class DecodeRequest:
     max_tokens: int = 64
     stop: StopRule | None = SINGLE_LINE
     healed: bytes = b""  # the text between the prompt's last whole token and the cursor: output starts with it
-    cancelled: Callable[[], bool] = _never  # asked before every forward; once true, decoding returns what it has
+    cancelled: Callable[[], bool] = never  # asked before every forward; once true, decoding returns what it has
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from inference.generate import PREFILL_CHUNK, DecodeCache
+from inference.generate import PREFILL_CHUNK, DecodeCache, grow_rows
 from inference.runtime import Decoder, StepOutput
 from kv_cache.rotation import rerotate_keys
 
@@ -299,9 +299,9 @@ class BufferCache:
             return
         capacity, n = max(rows, 2 * self.capacity), self._length
         self.prompt_rows = None  # they are not copied
-        self._keys = [_grow_rows(k, capacity, n) for k in self._keys]
-        self._values = [_grow_rows(v, capacity, n) for v in self._values]
-        self._ids, self._positions, self._stale = (_grow_rows(a, capacity, n)
+        self._keys = [grow_rows(k, capacity, n) for k in self._keys]
+        self._values = [grow_rows(v, capacity, n) for v in self._values]
+        self._ids, self._positions, self._stale = (grow_rows(a, capacity, n)
                                                    for a in (self._ids, self._positions, self._stale))
 
     def _move_rows(self, src: int, src_stop: int, dst: int) -> None:
@@ -329,16 +329,3 @@ class BufferCache:
         self._ids[start:stop] = ids
         self._positions[start:stop] = positions
         self._stale[start:stop] = stale
-
-
-def _grow_rows(old: np.ndarray, capacity: int, used: int) -> np.ndarray:
-    """A copy of `old` with `capacity` rows along its row axis (axis 1 of [kv, rows, hd], else axis 0)."""
-    axis = 1 if old.ndim == 3 else 0
-    shape = list(old.shape)
-    shape[axis] = capacity
-    new = np.empty(shape, old.dtype)
-    if axis:
-        new[:, :used] = old[:, :used]
-    else:
-        new[:used] = old[:used]
-    return new

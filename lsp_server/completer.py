@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.drafting import Recycler
-from inference.generate import DecodeRequest, GenerationResult, greedy_decode, vocabulary
+from inference.generate import DecodeRequest, GenerationResult, greedy_decode, never, vocabulary
 from inference.model_store import LoadedModel
 from inference.ngram import NgramModel
 from inference.speculative import TREE_NODES, Drafter, speculative_decode
@@ -56,10 +56,6 @@ class CompletionOutcome:
     suggestions: list[Suggestion]  # best first
     timings: dict[str, float] = field(default_factory=dict)
     cancelled: bool = False
-
-
-def _never() -> bool:
-    return False
 
 
 def decode_rows(options: CompletionOptions) -> int:
@@ -141,12 +137,12 @@ class Completer:
     # -- completion --------------------------------------------------------------------------------------
 
     def complete(self, uri: str, offset: int, options: CompletionOptions,
-                 cancelled: Callable[[], bool] = _never) -> CompletionOutcome:
+                 cancelled: Callable[[], bool] = never) -> CompletionOutcome:
         """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
         return self.complete_after(uri, offset, "", options, cancelled)
 
     def complete_after(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
-                       cancelled: Callable[[], bool] = _never) -> CompletionOutcome:
+                       cancelled: Callable[[], bool] = never) -> CompletionOutcome:
         """The drafts at offset + len(inserted) as if `inserted` had been typed at `offset` (a prefetch for
         accepting a suggestion), leaving the document as it is."""
         doc = self._doc(uri)
