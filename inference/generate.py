@@ -279,16 +279,22 @@ def greedy_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logit
     """The most likely token at every step, starting from the prompt's `logits`, one forward per token."""
     t0 = time.perf_counter()
     out = Transcript(vocab, request)
-    stopped = False
-    logp = out.next_logp(logits)
-    while True:
-        token = int(np.argmax(logp))
-        if out.take(token, logp) or out.full:
-            break
-        if request.cancelled():
-            stopped = True
-            break
-        logp = out.next_logp(decode_one_token(decoder, cache, token))
+    stopped, _ = decode_transcript(decoder, cache, out, out.next_logp(logits), lambda logp: int(np.argmax(logp)))
     timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(out.ids)),
                "cancelled": float(stopped)}
     return GenerationResult([out.draft()], timings)
+
+
+def decode_transcript(decoder: Decoder, cache: DecodeCache, out: Transcript, logp: np.ndarray,
+                      choose: Callable[[np.ndarray], int]) -> tuple[bool, int]:
+    """One draft, a token `choose`n from each step's log-probabilities, until it stops, fills up or is cancelled.
+    Returns (cancelled, forward steps)."""
+    steps = 0
+    while True:
+        token = choose(logp)
+        if out.take(token, logp) or out.full:
+            return False, steps
+        if out.request.cancelled():
+            return True, steps
+        logp = out.next_logp(decode_one_token(decoder, cache, token))
+        steps += 1

@@ -11,6 +11,9 @@ same forward, and an attention mask lets each row see the prompt plus its own dr
 tree over the shared prompt rows, which are never copied). `search="beam"` is a k-way beam search;
 `search="branch"` takes the k best first tokens and continues each greedily.
 
+`sampled_decode` is the paper's own baseline: k nucleus-sampled drafts, one full pass each. Which one a
+request uses is the `draftMethod` setting; bench/decode.py measures them side by side.
+
 Both follow greedy_decode's conventions: rows are written into the DecodeCache in place; token healing
 restricts a draft's first tokens to the backed-off bytes; a draft the stop rule calls complete is finished.
 """
@@ -30,8 +33,10 @@ from inference.generate import (
     Draft,
     GenerationResult,
     Vocabulary,
+    Transcript,
     completion_text,
     cut_at_stop,
+    decode_transcript,
     log_softmax,
 )
 from inference.ngram import NgramModel
@@ -46,6 +51,8 @@ DEFAULT_TEMPERATURE = 0.1  # applied to the LLM logits before the top-n cut
 DEFAULT_N_SAMPLE = 9  # LLM tokens per step that the n-gram model may re-score
 DEFAULT_NGRAM_FLOOR: float | None = 1e-4  # p_ng never below this; None is the paper's hard cut (see _interpolate)
 NO_NGRAM_PENALTY = 200.0  # subtracted from a draft none of whose candidates the n-gram model has seen
+SAMPLE_TOP_P = 0.9  # the sampled baseline: nucleus sampling as in the paper's comparison
+SAMPLE_TEMPERATURE = 1.0
 
 
 @dataclass
@@ -56,7 +63,7 @@ class _Beam:
     text: bytes = b""
     pending: bytes = b""
     score: float = 0.0
-    rows: list[int] = field(default_factory=list)  # batched decoding: this draft's rows after the prompt
+    rows: list[int] = field(default_factory=list)  # beam decoding: this draft's rows after the prompt
 
     def extended(self, token: int, vocab: Vocabulary, score: float) -> _Beam:
         pending = vocab.healer.consume(self.pending, token) if self.pending else b""
@@ -188,8 +195,10 @@ def superposed_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, l
         if request.cancelled():
             stopped = True
             break
-        # One row for all drafts: Σ γ_i E[last token of draft i], γ = softmax of the drafts' scores.
-        scores_alive = np.array([b.score for b in drafts.alive])
+        # One row for all drafts: Σ γ_i E[last token of draft i], γ_i ∝ draft i's probability at the LLM's own
+        # temperature (score × τ). At the sharpened scale (γ = softmax(score), SPD's code) draft 1 took a median
+        # γ of 0.9999, so the row was draft 1's token alone and drafts 2-3 continued draft 1's text (README).
+        scores_alive = np.array([b.score for b in drafts.alive]) * search.temperature
         gamma = np.exp(scores_alive - scores_alive.max())
         gamma /= gamma.sum()
         ids = np.array([[b.ids[-1] for b in drafts.alive]], dtype=np.int64)  # [1, m]
@@ -278,3 +287,40 @@ def beam_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits:
     timings = {"decode_s": time.perf_counter() - t0, "forward_steps": float(steps),
                "generated_tokens": float(steps + 1), "cancelled": float(stopped)}
     return GenerationResult(drafts.ranked(), timings)
+
+
+def _nucleus(logp: np.ndarray, rng: np.random.Generator, top_p: float, temperature: float) -> int:
+    """A token drawn from softmax(logp / temperature) cut to its smallest top-p set."""
+    z = logp / temperature
+    order = np.argsort(-z)
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+    return int(order[rng.choice(keep, p=p[:keep] / p[:keep].sum())])
+
+
+def sampled_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                   request: DecodeRequest, k: int = DEFAULT_DRAFTS, *, top_p: float = SAMPLE_TOP_P,
+                   temperature: float = SAMPLE_TEMPERATURE, seed: int = 0) -> GenerationResult:
+    """The paper's baseline (BRIEF §1.4): k nucleus-sampled drafts, one full pass each after the same prompt rows.
+
+    Each pass rewinds the cache to the prompt, so its rows overwrite the previous draft's. Drafts are ranked by
+    mean log-probability, one per text; the seed makes a request's drafts reproducible.
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    length, position = cache.length, cache.position
+    found: dict[str, Draft] = {}
+    stopped, steps = False, 0
+    for _ in range(k):
+        cache.length, cache.position = length, position
+        out = Transcript(vocab, request)
+        stopped, taken = decode_transcript(decoder, cache, out, out.next_logp(logits),
+                                           lambda logp: _nucleus(logp, rng, top_p, temperature))
+        steps += taken
+        draft = out.draft()
+        found.setdefault(draft.text, draft)
+        if stopped:
+            break
+    timings = {"decode_s": time.perf_counter() - t0, "forward_steps": float(steps), "cancelled": float(stopped)}
+    return GenerationResult(sorted(found.values(), key=lambda d: -d.score), timings)

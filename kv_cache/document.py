@@ -17,6 +17,16 @@ The window. Files longer than the token budget keep rows for a window of tokens 
 cursor. It moves with PIE as well: rows far before the cursor are dropped and the rest shifted down,
 tokens that come into view before it are inserted after the marker, tokens after it are appended.
 
+Cold starts. A request in a document without rows near its cursor does not wait for the whole window: it
+encodes the `first` tokens before the cursor (and `first_suffix` after it for a FIM prompt) and answers from
+those. If idle steps had already encoded the top of the file (they start there at didOpen) and the window starts
+at the top, those rows are kept as the window's head: the rows are `marker + doc[0:head] + doc[lo:hi]`, the
+tokens in between are missing, and positions run on. The file's start (imports, definitions) is worth more to
+an early answer than more of the nearest lines (bench/cold.py). Idle steps then grow the window to its target
+[target_lo, target_hi): backwards in chunks inserted before the row of `lo` (PIE re-rotates the rows after
+them, which become stale, as after an edit) until the gap is closed, then forwards; refresh makes them exact.
+A reopened document restores the longest prefix of its rows that was saved (BufferStore.restore).
+
 Staleness. After a splice the later rows keep K/V computed from the old text; `refresh_step` re-encodes
 them left to right in small chunks when there is nothing better to do.
 """
@@ -50,6 +60,8 @@ class WindowBudget:
     prefix: int = 2048  # tokens before the cursor
     suffix: int = 256  # tokens after it that the prompt borrows
     slack: int = 512  # the window moves in steps this big, so typing does not shift it every token
+    first: int = 256  # tokens before the cursor a request encodes before answering in a cold document
+    first_suffix: int = 32  # and after it (bench/cold.py measures early answers against full windows)
 
 
 @dataclass
@@ -63,8 +75,9 @@ class CursorContext:
     suffix: str
     prefix_rows: int  # rows[:prefix_rows] are the prompt's prefix (marker included)
     reused: int  # rows taken from the cache
-    encoded: int  # tokens run through the model to build the context
+    encoded: int  # tokens run through the model to build the prompt after the document's rows
     history: list[int] = field(default_factory=list)  # the last document tokens before the healed ones
+    built: int = 0  # window tokens the request encoded (a cold document's first `first` + `first_suffix`)
 
 
 class DocumentCache:
@@ -81,10 +94,11 @@ class DocumentCache:
             sp.fim_prefix, sp.fim_suffix, sp.fim_middle)
         self._marker = 1 if self.fim else 0  # rows before the document's first token
         self.lo = self.hi = 0  # document tokens [lo, hi) have rows (once encoded up to hi)
-        self.target_hi = 0  # where the window should end; rows [hi, target_hi) are still to be encoded
-        self._rows_lost = False
+        self.target_lo = self.target_hi = 0  # the window to grow to: [target_lo, lo) and [hi, target_hi) are to do
+        self.head = 0  # with a gap, rows for doc[0:head] come before those for doc[lo:hi] (0 < head < lo)
+        self._restore_tried = False  # saved rows are looked for once, by the first step that builds rows
         self.version = 0  # counts edits, for caches derived from the text
-        self.focus(0)
+        self._restart(0)
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -99,15 +113,27 @@ class DocumentCache:
     def cache(self) -> BufferCache | None:
         """The rows, from memory or restored from disk; None if they must be rebuilt."""
         rows = self.store.get(self.uri)
-        if rows is None and not self._rows_lost and self.hi > self.lo:
-            rows = self.store.restore(self.uri, self._row_ids())
-            self._rows_lost = rows is None
+        if rows is None and self.hi > self.lo:  # evicted: its file holds exactly these rows
+            rows = self._restore(self.hi)
+        return rows
+
+    def _restore(self, upto: int) -> BufferCache | None:
+        """The saved rows of the longest prefix of the window [lo, upto) on disk (the window then ends there)."""
+        rows = self.store.restore(self.uri, self._row_ids(upto))
+        self.hi = self.lo if rows is None else self.lo + len(rows) - self._base
         return rows
 
     def pending_tokens(self) -> int:
         """Tokens of the window that have no rows in memory (rows on disk count: they must be read back)."""
         rows = self.store.peek(self.uri)
-        return self.target_hi - self.lo if rows is None else self.target_hi - self.hi
+        if rows is None:
+            return self.target_hi - self.target_lo
+        return self.lo - max(self.target_lo, self.head) + self.target_hi - self.hi
+
+    def window(self) -> dict[str, int]:
+        """How far the window is built, for statistics: tokens with rows, in the target window, in the text."""
+        built = self.head + self.hi - self.lo if self.store.peek(self.uri) is not None else 0
+        return {"rows": built, "window": self.target_hi - self.target_lo, "tokens": len(self.doc.ids)}
 
     def stale_rows(self) -> int:
         rows = self.store.peek(self.uri)
@@ -133,8 +159,12 @@ class DocumentCache:
         """Follow one token splice in the window [lo, hi) and in the rows (if any)."""
         start, stop, delta = splice.start, splice.stop, splice.delta
         if rows is None:  # nothing to follow: `focus` rebuilds the window around the next cursor
-            self.lo = self.hi = self.target_hi = 0
+            self.lo = self.hi = self.target_lo = self.target_hi = self.head = 0
             return []
+        if self.head and start < self.lo:  # an edit in the head or the gap: the head goes, PIE shifts the rest
+            self._drop_head(rows)
+        if start < self.target_lo:  # before the window's target start: it moves, or begins at the edit
+            self.target_lo = self.target_lo + delta if stop <= self.target_lo else start
         if stop <= self.lo and not (start == stop == self.lo and self.lo == 0):
             self.lo, self.hi, self.target_hi = self.lo + delta, self.hi + delta, self.target_hi + delta
             return []
@@ -150,78 +180,149 @@ class DocumentCache:
         stats = [rows.apply_splice(self._row(first), self._row(last), splice.ids, self.mode)]
         self.target_hi = max(self.target_hi + delta, hi)
         self.lo, self.hi = lo, hi
+        self.target_lo = min(self.target_lo, lo)
         return stats
 
     # -- the window --------------------------------------------------------------------------------------
 
-    def _row(self, token: int) -> int:
-        return self._marker + token - self.lo
+    @property
+    def _base(self) -> int:
+        """The row of token `lo`: after the marker and the head."""
+        return self._marker + self.head
 
-    def _row_ids(self) -> list[int]:
-        return [self.fim[0]] * self._marker + self.doc.ids[self.lo:self.hi] if self.fim else self.doc.ids[
-            self.lo:self.hi]
+    def _row(self, token: int) -> int:
+        """The row of a token in [lo, hi]."""
+        return self._base + token - self.lo
+
+    def _row_ids(self, upto: int) -> list[int]:
+        return [self.fim[0]] * self._marker + self.doc.ids[:self.head] + self.doc.ids[self.lo:upto] if self.fim \
+            else self.doc.ids[:self.head] + self.doc.ids[self.lo:upto]
+
+    def _drop_head(self, rows: BufferCache) -> None:
+        rows.apply_splice(self._marker, self._base, [], self.mode)
+        self.head = 0
 
     def focus(self, cursor_token: int) -> None:
-        """Set the window the cursor needs (rows are built by `encode_step`, or at once by `ensure_rows`)."""
-        n, b = len(self.doc.ids), self.budget
-        if n <= b.prefix + b.suffix + b.slack:  # the whole document fits: keep all of it
-            want_lo, want_hi = 0, n
-        else:
-            want_lo, want_hi = max(0, cursor_token - b.prefix), min(n, cursor_token + b.suffix)
+        """Set the window the cursor needs. Rows are built by `encode_step` (idle), `ensure` (what a request
+        needs now) or `ensure_rows` (all of it); rows that do not reach the cursor's `first` tokens are dropped."""
+        b = self.budget
+        want_lo, want_hi = self._wanted(cursor_token)
         rows = self.cache()
-        if rows is None or want_lo > self.hi or want_hi < self.lo:
-            if rows is not None:
+        if rows is None and not self._restore_tried and self._target_lo(want_lo) == 0:
+            self._restore_tried = True  # a text opened again: the start of its window may be on disk
+            self.lo = self.head = 0
+            rows = self._restore(self._target_hi(want_hi, 0))
+        if rows is not None and self.head and self._target_lo(want_lo):  # the window no longer starts at the top
+            self._drop_head(rows)
+        if rows is None or max(want_lo, cursor_token - b.first) > self.hi or want_hi < self.lo:
+            top = self.hi if rows is not None and not self.head and self.lo == 0 and \
+                self._target_lo(want_lo) == 0 else 0  # rows [0, top) that the window will hold anyway
+            self._restart(cursor_token)
+            if top and top < self.lo:  # they stay as the head; the cursor's rows follow them
+                self.head = top
+            elif rows is not None:
                 self.store.drop(self.uri)
-            self._rows_lost = False
-            self.lo = self.hi = max(0, want_lo - b.slack // 2) if want_lo else 0
-            self.target_hi = min(n, max(want_hi + b.slack // 2, self.lo + b.prefix + b.suffix))
             return
-        if want_lo < self.lo or want_lo > self.lo + b.slack:
-            new_lo = max(0, want_lo - b.slack // 2) if want_lo else 0
-            if new_lo > self.lo:  # drop rows far before the cursor; PIE shifts the rest down
-                rows.apply_splice(self._marker, self._row(new_lo), [], self.mode)
-            else:  # tokens came into view before the rows: insert them after the marker
-                rows.apply_splice(self._marker, self._marker, self.doc.ids[new_lo:self.lo], self.mode)
-            self.lo = new_lo
+        if want_lo < self.target_lo or want_lo > self.target_lo + b.slack:
+            self.target_lo = self._target_lo(want_lo)
+        if self.target_lo > self.lo:  # drop rows far before the cursor; PIE shifts the rest down
+            rows.apply_splice(self._base, self._row(self.target_lo), [], self.mode)
+            self.lo = self.target_lo
         if self.hi > want_hi + b.slack:  # drop rows far after the cursor: nothing after them moves
             cut = want_hi + b.slack // 2
             rows.apply_splice(self._row(cut), len(rows), [], self.mode)
             self.hi = cut
         self.target_hi = max(self.hi, want_hi)
 
-    def encode_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
-        """Encode up to `max_tokens` of the window that have no rows yet; returns how many."""
-        rows = self.cache()
-        if rows is None and self.target_hi > self.lo:  # a reopened document: its rows may be on disk
-            self.hi = self.target_hi
-            rows = self.store.restore(self.uri, self._row_ids())
-            if rows is not None:
-                return 0
-        if rows is None:
-            rows = BufferCache(self.decoder, capacity=self._marker + self.target_hi - self.lo + self.budget.slack)
-            self.hi = self.lo
-            first = ([self.fim[0]] if self.fim else []) + self.doc.ids[self.lo:self.lo + max_tokens]
-            if not first:
-                return 0
-            rows.encode(first)
-            self.hi = self.lo + len(first) - self._marker
-            self.store.put(self.uri, rows)
-            self._rows_lost = False
-            return len(first)
-        chunk = self.doc.ids[self.hi:min(self.target_hi, self.hi + max_tokens)]
-        if chunk:
-            rows.apply_splice(len(rows), len(rows), chunk, "pie")  # an append moves no row: exact in any mode
-            self.hi += len(chunk)
-        return len(chunk)
+    def _wanted(self, cursor_token: int) -> tuple[int, int]:
+        """The tokens [lo, hi) a prompt at the cursor uses: the whole document if it fits."""
+        n, b = len(self.doc.ids), self.budget
+        if n <= b.prefix + b.suffix + b.slack:
+            return 0, n
+        return max(0, cursor_token - b.prefix), min(n, cursor_token + b.suffix)
 
-    def ensure_rows(self) -> BufferCache:
-        while self.encode_step(self.budget.prefix + self.budget.suffix):
-            pass
+    def _target_lo(self, want_lo: int) -> int:
+        return max(0, want_lo - self.budget.slack // 2) if want_lo else 0
+
+    def _target_hi(self, want_hi: int, target_lo: int) -> int:
+        b = self.budget
+        return min(len(self.doc.ids), max(want_hi + b.slack // 2, target_lo + b.prefix + b.suffix))
+
+    def _restart(self, cursor_token: int) -> None:
+        """No rows: the window around the cursor, to be built from the cursor's `first` tokens outwards."""
+        want_lo, want_hi = self._wanted(cursor_token)
+        self.target_lo = self._target_lo(want_lo)
+        self.target_hi = self._target_hi(want_hi, self.target_lo)
+        self.lo = self.hi = max(self.target_lo, cursor_token - self.budget.first)
+        self.head = 0
+
+    def encode_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
+        """Build up to `max_tokens` of the window that has no rows yet: restore them, else start the rows, else
+        grow them backwards (the chunk nearest the rows first), else forwards. Returns the rows gained."""
         rows = self.cache()
+        if rows is None and not self._restore_tried and self.target_hi > self.lo:
+            self._restore_tried = True  # a text opened again: the start of its window may be on disk
+            if (rows := self._restore(self.target_hi)) is not None:
+                return len(rows)
+        if rows is None:
+            return self._start_rows(min(self.target_hi, self.lo + max_tokens))
+        if self.lo > max(self.target_lo, self.head):
+            return self._grow_back(max(self.target_lo, self.lo - max_tokens), rows)
+        return self._grow_forward(min(self.target_hi, self.hi + max_tokens), rows)
+
+    def ensure(self, cursor_token: int, upto: int) -> tuple[BufferCache, int]:
+        """The rows a request at `cursor_token` needs now, and how many it encoded: `first` tokens before it (less
+        at the window's start) and the tokens up to `upto`; the rest of the window is left to idle steps."""
+        b = self.budget
+        rows, built = self.cache(), 0
+        if rows is None:
+            built = self._start_rows(min(self.target_hi, max(cursor_token, upto)))
+            rows = self.cache()
         if rows is None:  # an empty document without a marker
             rows = BufferCache(self.decoder, capacity=16)
             self.store.put(self.uri, rows)
-        return rows
+            return rows, built
+        built += self._grow_back(max(self.target_lo, min(cursor_token - b.first, self.lo)), rows)
+        built += self._grow_forward(min(self.target_hi, max(self.hi, upto)), rows)
+        return rows, built
+
+    def ensure_rows(self) -> BufferCache:
+        """All of the window's rows, now."""
+        while self.encode_step(self.budget.prefix + self.budget.suffix):
+            pass
+        return self.ensure(self.lo, self.lo)[0]
+
+    def _start_rows(self, upto: int) -> int:
+        """New rows: the marker and the window's tokens [lo, upto)."""
+        self.hi = self.lo
+        first = ([self.fim[0]] if self.fim else []) + self.doc.ids[self.lo:upto]
+        if not first:
+            return 0
+        rows = BufferCache(self.decoder, capacity=self._marker + self.target_hi - self.target_lo + self.budget.slack)
+        rows.encode(first)
+        self.hi = upto
+        self.store.put(self.uri, rows)
+        return len(first)
+
+    def _grow_back(self, new_lo: int, rows: BufferCache) -> int:
+        """Insert the tokens [new_lo, lo) before the row of `lo` (after the head, if any): PIE re-rotates the rows
+        after them, now stale. A closed gap makes the rows one run from the top again."""
+        new_lo = max(new_lo, self.head)
+        if new_lo >= self.lo:
+            return 0
+        rows.apply_splice(self._base, self._base, self.doc.ids[new_lo:self.lo], self.mode)
+        grown, self.lo = self.lo - new_lo, new_lo
+        if self.head and self.lo == self.head:
+            self.lo = self.head = 0
+        return grown
+
+    def _grow_forward(self, new_hi: int, rows: BufferCache) -> int:
+        """Append the tokens [hi, new_hi): an append moves no row, so it is exact in any mode."""
+        if new_hi <= self.hi:
+            return 0
+        rows.apply_splice(len(rows), len(rows), self.doc.ids[self.hi:new_hi], "pie")
+        grown, self.hi = new_hi - self.hi, new_hi
+        return grown
 
     def refresh_step(self, max_tokens: int = ENCODE_CHUNK) -> int:
         """Re-encode up to `max_tokens` stale rows, the first ones first (exact, see BufferCache.refresh).
@@ -265,7 +366,8 @@ class DocumentCache:
             extra, typed = tail.ids[:cut], tail.text[tail.starts[cut]:]
         healed = typed.encode("utf-8")
         self.focus(whole)
-        rows = self.ensure_rows()
+        suffix_rows = bool(self.fim) and with_suffix  # a prefix prompt needs no rows after the healed tokens
+        rows, built = self.ensure(whole, after + self.budget.first_suffix if suffix_rows else whole)
         prefix_rows = self._row(max(whole, self.lo))
         prefix, suffix = text[:offset] + inserted, text[offset:]
         history = (self.doc.ids[max(0, whole - HISTORY_TOKENS):whole] + extra)[-HISTORY_TOKENS:]
@@ -273,16 +375,16 @@ class DocumentCache:
         position = int(positions[prefix_rows - 1]) + 1 if prefix_rows else 0
         if not self.fim or not with_suffix:
             if not prefix_rows and not extra:
-                return CursorContext(None, None, healed, prefix, suffix, 0, 0, 0, history)
+                return CursorContext(None, None, healed, prefix, suffix, 0, 0, 0, history, built)
             if extra:
                 cache, _ = rows.lend(prefix_rows, room + len(extra), position)
                 logits = prefill(self.decoder, cache, extra)
                 return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, prefix_rows, len(extra),
-                                     history)
+                                     history, built)
             logits, computed = rows.logits_at(prefix_rows - 1)
             cache, _ = rows.lend(prefix_rows, room, position)
             return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, prefix_rows, int(computed),
-                                 history)
+                                 history, built)
         first = self._row(max(after, self.lo))
         last = min(len(rows), first + self.budget.suffix) if after < self.hi else first
         head = [*extra, self.fim[1], *self.tokenizer.encode(split)] if split else [*extra, self.fim[1]]
@@ -290,7 +392,7 @@ class DocumentCache:
         cache, logits = rows.lend(prefix_rows, room, position, prompt=key, prompt_size=len(head) + last - first + 1)
         reused = prefix_rows + last - first
         if logits is not None:
-            return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, 0, history)
+            return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, 0, history, built)
         prefill(self.decoder, cache, head)
         if last > first:
             keys, values = rows.rows(first, last)
@@ -303,7 +405,7 @@ class DocumentCache:
             cache.position += last - first
         logits = prefill(self.decoder, cache, [self.fim[2]])
         rows.keep_prompt(key, cache, logits)
-        return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, len(head) + 1, history)
+        return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, len(head) + 1, history, built)
 
 
 def heal_start(text: str, starts: Sequence[int], offset: int, after: int) -> int:

@@ -43,6 +43,7 @@ from inference.runtime import Decoder
 from kv_cache.buffer_cache import BufferCache
 
 FORMAT_VERSION = 1
+KEY_ROWS = 32  # leading rows a file is found by: a reopened text whose start matches restores that prefix
 MAGIC = b"SPKV"
 SUFFIX = ".spkv"
 _HEADER_LEN = struct.Struct("<I")
@@ -84,9 +85,30 @@ def model_identity(model_dir: Path) -> str:
 
 
 def cache_path(directory: Path, model_id: str, ids: np.ndarray) -> Path:
-    """The file for this model and this exact token-id sequence (SHA-256 of both)."""
-    digest = hashlib.sha256(model_id.encode() + b"\0" + np.asarray(ids, "<i8").tobytes()).hexdigest()
-    return Path(directory) / f"{digest}{SUFFIX}"
+    """The file for this model and this exact token-id sequence: `<lead>-<whole>.spkv`, where `lead` hashes the
+    first KEY_ROWS ids (files that may share a prefix with a text share it) and `whole` all of them."""
+    return Path(directory) / f"{_lead(model_id, ids)}-{_digest(model_id, ids)[:32]}{SUFFIX}"
+
+
+def candidates(directory: Path, model_id: str, ids: np.ndarray) -> list[Path]:
+    """Files whose first KEY_ROWS ids may equal those of `ids`, newest first."""
+    found = Path(directory).glob(f"{_lead(model_id, ids)}-*{SUFFIX}")
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _lead(model_id: str, ids: np.ndarray) -> str:
+    return _digest(model_id, np.asarray(ids)[:KEY_ROWS])[:16]
+
+
+def _digest(model_id: str, ids: np.ndarray) -> str:
+    return hashlib.sha256(model_id.encode() + b"\0" + np.asarray(ids, "<i8").tobytes()).hexdigest()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def save(cache: BufferCache, directory: Path, model_id: str,
@@ -124,16 +146,29 @@ def save(cache: BufferCache, directory: Path, model_id: str,
     return path
 
 
-def load(path: Path, decoder: Decoder, model_id: str) -> BufferCache | None:
-    """The cache stored at `path`, or None if it is missing, damaged, from another version or another model."""
+def load(path: Path, decoder: Decoder, model_id: str, rows: int | None = None) -> BufferCache | None:
+    """The cache stored at `path` (its first `rows` rows, if given), or None if it is missing, damaged, from
+    another version or another model."""
     try:
-        return _read(Path(path).read_bytes(), decoder, model_id, path)
+        opened = _open(Path(path).read_bytes(), decoder, model_id, path)
+        return None if opened is None else _rows(*opened, decoder, rows)
     except _LOAD_ERRORS as exc:
         log.info("ignoring KV cache file %s: %s", path, exc)
         return None
 
 
-def _read(data: bytes, decoder: Decoder, model_id: str, path: Path) -> BufferCache | None:
+def stored_ids(path: Path, decoder: Decoder, model_id: str) -> np.ndarray | None:
+    """The token ids a file holds rows for (checked like `load`, nothing dequantized), or None."""
+    try:
+        opened = _open(Path(path).read_bytes(), decoder, model_id, path)
+        return None if opened is None else opened[1]["ids"]
+    except _LOAD_ERRORS as exc:
+        log.info("ignoring KV cache file %s: %s", path, exc)
+        return None
+
+
+def _open(data: bytes, decoder: Decoder, model_id: str, path: Path) -> tuple[dict, np.lib.npyio.NpzFile] | None:
+    """The checked header and the (lazily read) arrays of a file's bytes; None if another model wrote it."""
     body, digest = data[:-_DIGEST_LEN], data[-_DIGEST_LEN:]
     if body[:len(MAGIC)] != MAGIC:
         raise ValueError("not a superpie KV cache file")
@@ -142,7 +177,6 @@ def _read(data: bytes, decoder: Decoder, model_id: str, path: Path) -> BufferCac
     (head_len,) = _HEADER_LEN.unpack_from(body, len(MAGIC))
     start = len(MAGIC) + _HEADER_LEN.size
     header = json.loads(body[start:start + head_len])
-    payload = body[start + head_len:]
     cfg = decoder.config
     expected = {"format_version": FORMAT_VERSION, "model_id": model_id, "n_layers": cfg.n_layers,
                 "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim}
@@ -150,14 +184,18 @@ def _read(data: bytes, decoder: Decoder, model_id: str, path: Path) -> BufferCac
     if wrong:
         log.info("ignoring KV cache file %s written for %s", path, wrong)
         return None
-    levels, n = header["levels"], header["rows"]
-    with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    return header, np.load(io.BytesIO(body[start + head_len:]), allow_pickle=False)
+
+
+def _rows(header: dict, arrays: np.lib.npyio.NpzFile, decoder: Decoder, rows: int | None) -> BufferCache:
+    cfg, levels, n = decoder.config, header["levels"], header["rows"]
+    keep = n if rows is None else min(rows, n)
     symbols = np.frombuffer(zlib.decompress(arrays["symbols"].tobytes()), np.int8)
-    streams = symbols.reshape(2, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n)  # [K/V, layers, kv * hd, n]
-    keys = [_dequantize(q, s, lv, cfg) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
-    values = [_dequantize(q, s, lv, cfg) for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
-    return BufferCache.from_rows(decoder, arrays["ids"], arrays["positions"], arrays["stale"], keys, values)
+    streams = symbols.reshape(2, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n)[..., :keep]  # [K/V, layers, kv*hd, n]
+    keys = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
+    values = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
+    return BufferCache.from_rows(decoder, arrays["ids"][:keep], arrays["positions"][:keep], arrays["stale"][:keep],
+                                 keys, values)
 
 
 def _compress(symbols: bytes) -> bytes:

@@ -108,13 +108,26 @@ class BufferStore:
                         self.budget_bytes)
         return evicted
 
-    def restore(self, uri: str, ids: Sequence[int]) -> BufferCache | None:
-        """Reopen `uri` from disk if a cache for exactly these token ids was persisted (then it is in use)."""
-        if self.persist_dir is None or self.decoder is None:
+    def restore(self, uri: str, ids: Sequence[int], *, newest: int = 4) -> BufferCache | None:
+        """Reopen `uri` from disk with the rows of the longest prefix of `ids` that a persisted cache holds (at
+        least persist.KEY_ROWS of them, or all of a shorter `ids`); then it is in use. Rows depend only on the
+        tokens before them, so a file saved for this text before a change further down restores up to the
+        change. Of the files that start like `ids`, the `newest` are looked at."""
+        if self.persist_dir is None or self.decoder is None or not len(ids):
             return None
         ids = np.asarray(ids, np.int64)
-        cache = persist.load(persist.cache_path(self.persist_dir, self.model_id, ids), self.decoder, self.model_id)
-        if cache is None or not np.array_equal(cache.ids, ids):
+        best, best_rows = None, 0
+        for path in persist.candidates(self.persist_dir, self.model_id, ids)[:newest]:
+            stored = persist.stored_ids(path, self.decoder, self.model_id)
+            if stored is None:
+                continue
+            rows = _common_prefix(stored, ids)
+            if rows > best_rows:
+                best, best_rows = path, rows
+        if best is None or best_rows < min(persist.KEY_ROWS, len(ids)):
+            return None
+        cache = persist.load(best, self.decoder, self.model_id, rows=best_rows)
+        if cache is None:
             return None
         self._restores += 1
         self.put(uri, cache)
@@ -128,3 +141,9 @@ class BufferStore:
     def _persist(self, cache: BufferCache) -> None:
         if self.persist_dir is not None and len(cache):
             persist.save(cache, self.persist_dir, self.model_id)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -19,7 +19,7 @@ from lsp_server.completer import Completer
 from lsp_server.cursor import InputError, parse_location, read_source, split_at
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
-BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing")  # each a module bench.<suite> with main(argv)
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold")  # each a module bench.<suite> with main(argv)
 # LSP language ids by file extension, for the syntax rules (an editor sends the id itself)
 LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
                 ".tsx": "typescriptreact", ".jsx": "javascriptreact", ".go": "go", ".rs": "rust", ".c": "c",

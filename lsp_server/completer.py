@@ -19,16 +19,17 @@ from inference.generate import DecodeRequest, GenerationResult, greedy_decode, n
 from inference.model_store import LoadedModel
 from inference.ngram import NgramModel
 from inference.speculative import TREE_NODES, Drafter, speculative_decode
-from inference.superposed import SuperposedSearch, beam_decode, superposed_decode
+from inference.superposed import SuperposedSearch, beam_decode, sampled_decode, superposed_decode
 from inference.syntax.finish import finish
 from inference.syntax.stop import SyntaxStop
 from kv_cache.buffer_cache import SPLICE_MODES
-from kv_cache.document import CursorContext, DocumentCache
+from kv_cache.document import CursorContext, DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
 
 log = logging.getLogger(__name__)
 
+DRAFT_METHODS = ("superposed", "beam", "sampled")  # how k > 1 drafts are decoded (inference/superposed.py)
 REFRESH_POLICIES = ("off", "idle", "threshold")
 LAYOUTS = ("auto", "fim", "prefix")
 LOOKUP_BUFFERS = 4  # other open documents that speculative decoding may copy drafts from
@@ -42,6 +43,7 @@ class CompletionOptions:
     scope: str = "auto"  # "auto" | "single" | "multi"
     speculative: bool = True
     layout: str = "auto"  # "auto" | "fim" | "prefix": see prompt_layout
+    draft_method: str = "beam"  # one of DRAFT_METHODS, for drafts > 1: bench/decode.py compares them
 
 
 @dataclass
@@ -80,11 +82,15 @@ class Completer:
     """Open documents by URI, each with a DocumentCache; `complete` decodes from the cached rows."""
 
     def __init__(self, model: LoadedModel, *, cache_mode: str = "pie", budget_mb: float = 1024,
-                 refresh: str = "idle", refresh_threshold: int = 256, persist_dir: Path | None = None) -> None:
+                 refresh: str = "idle", refresh_threshold: int = 256, persist_dir: Path | None = None,
+                 window: WindowBudget = WindowBudget()) -> None:
+        """`window`: the tokens each document's rows keep (bench/cold.py varies how many a cold request waits for)."""
         self.model = model
+        self.window = window
         self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder)
         self.docs: dict[str, DocumentCache] = {}
         self.languages: dict[str, str] = {}
+        self.active: str | None = None  # the document last opened, edited or completed in: its idle work goes first
         self.cache_mode, self.refresh, self.refresh_threshold = "pie", "idle", refresh_threshold
         self.configure(cache_mode=cache_mode, refresh=refresh)
         self.vocab = vocabulary(model.tokenizer)
@@ -93,10 +99,10 @@ class Completer:
         self._calls = 0
         self._edits_s = 0.0  # time applying edits since the last completion
         self._reused = self._encoded = 0
-        self.draft_method = "batched"  # beam search; "superposed" drafted no better here (bench/decode.py)
         self.persist_dir = persist_dir
         self.recycler = self._load_recycler()
         self.ngram: NgramModel | None = None  # built in an idle step (a minute, once per tokenizer)
+        self.wants_ngram = False  # a superposed request came: only that method re-scores with the n-gram model
         self._ngram_versions: dict[str, int] = {}
 
     # -- documents ---------------------------------------------------------------------------------------
@@ -106,12 +112,14 @@ class Completer:
         first completion)."""
         self.close(uri)
         self.docs[uri] = DocumentCache(uri, text, self.model.decoder, self.model.tokenizer, self.store,
-                                       mode=self.cache_mode)
+                                       mode=self.cache_mode, budget=self.window)
         self.languages[uri] = language
+        self.active = uri
 
     def change(self, uri: str, edits: Sequence[TextEdit]) -> None:
         """Apply edits in order (LSP semantics). A bad range raises ValueError and changes nothing."""
         t0 = time.perf_counter()
+        self.active = uri
         try:
             self._doc(uri).apply(edits)
         finally:
@@ -124,6 +132,8 @@ class Completer:
         if self.ngram is not None and self._ngram_versions.pop(uri, None) is not None:
             self.ngram.remove_document(uri)
         self.languages.pop(uri, None)
+        if self.active == uri:
+            self.active = None
 
     def text(self, uri: str) -> str:
         return self._doc(uri).text
@@ -146,6 +156,7 @@ class Completer:
         """The drafts at offset + len(inserted) as if `inserted` had been typed at `offset` (a prefetch for
         accepting a suggestion), leaving the document as it is."""
         doc = self._doc(uri)
+        self.active = uri
         t0 = time.perf_counter()
         edits_s, self._edits_s = self._edits_s, 0.0
         ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset),
@@ -153,7 +164,8 @@ class Completer:
         t1 = time.perf_counter()
         self._reused += ctx.reused
         self._encoded += ctx.encoded
-        timings = {"edits_s": edits_s, "context_s": t1 - t0, "prompt_tokens": float(ctx.encoded)}
+        timings = {"edits_s": edits_s, "context_s": t1 - t0, "prompt_tokens": float(ctx.encoded),
+                   "window_tokens": float(ctx.built)}
         if ctx.cache is None or ctx.logits is None or cancelled():
             return self._outcome([], timings, cancelled())
         language = self.languages[uri]
@@ -174,11 +186,14 @@ class Completer:
 
     def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions,
                 request: DecodeRequest) -> GenerationResult:
-        """One draft (speculative or greedy: the same tokens) or k drafts (beam search or superposed)."""
+        """One draft (speculative or greedy: the same tokens) or k drafts by `options.draft_method`."""
         decoder, vocab, cache, logits = self.model.decoder, self.vocab, ctx.cache, ctx.logits
-        if options.drafts > 1 and self.draft_method == "superposed":
+        if options.drafts > 1 and options.draft_method == "superposed":
+            self.wants_ngram = True
             search = SuperposedSearch(options.drafts, self._ngram_with(uri), ctx.history)
             return superposed_decode(decoder, vocab, cache, logits, request, search)
+        if options.drafts > 1 and options.draft_method == "sampled":
+            return sampled_decode(decoder, vocab, cache, logits, request, options.drafts)
         if options.drafts > 1:
             return beam_decode(decoder, vocab, cache, logits, request, options.drafts)
         if options.speculative:
@@ -207,9 +222,12 @@ class Completer:
     # -- idle work ---------------------------------------------------------------------------------------
 
     def refresh_step(self) -> bool:
-        """One bounded piece of idle work, most recently used document first: encode rows a window still
-        lacks, else re-encode stale rows (per the refresh policy). Returns whether work remains."""
-        for uri in reversed(self.store.lru_order() + [u for u in self.docs if u not in self.store]):
+        """One bounded piece of idle work, the active document first, then the most recently used: encode rows a
+        window still lacks, else re-encode stale rows (per the refresh policy). Returns whether work remains."""
+        order = list(reversed(self.store.lru_order() + [u for u in self.docs if u not in self.store]))
+        if self.active is not None:
+            order.insert(0, self.active)
+        for uri in order:
             doc = self.docs.get(uri)
             if doc is None:
                 continue
@@ -217,7 +235,7 @@ class Completer:
                 return True
             if self._wants_refresh(doc) and doc.refresh_step():
                 return True
-        if self.draft_method == "superposed" and self.ngram is None:
+        if self.wants_ngram and self.ngram is None:
             self._build_ngram()
             return True
         return False
@@ -289,6 +307,7 @@ class Completer:
             "evictions": store.evictions,
             "restores": store.restores,
             "stale_rows": sum(doc.stale_rows() for doc in self.docs.values()),
+            "encoding": {uri: doc.window() for uri, doc in self.docs.items() if doc.pending_tokens() > 0},
             "reuse_ratio": round(self._reused / built, 4) if built else None,
             "completions": len(latencies),
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,

@@ -30,7 +30,8 @@ from lsp_server.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
-LARGE_ENCODE_TOKENS = 256  # a first encode this big gets $/progress (seconds on the default model)
+LARGE_ENCODE_TOKENS = 256  # a window with this many tokens still to encode gets $/progress (seconds of idle work)
+PROGRESS_STEP = 10  # percent of a window's encoding between two progress reports
 CLIENT_REPLY_TIMEOUT_S = 5.0  # a client that never answers a server request must not stall the server
 REFRESH_MAX_STEPS = 100_000  # superpie.refresh gives up after this many worker steps (edits keep coming)
 MODEL_JOBS = ("complete", "refresh", "load")  # jobs that run the model for long: a hover does not queue behind them
@@ -57,8 +58,9 @@ class ClientProgress:
         progress.begin(token, types.WorkDoneProgressBegin(title=title, message=message))
         return token
 
-    async def report(self, token: asyncio.Future, message: str) -> None:
-        if (value := await token) is not None:
+    async def report(self, token: asyncio.Future | Future, message: str) -> None:
+        value = await (asyncio.wrap_future(token) if isinstance(token, Future) else token)
+        if value is not None:
             self._server.work_done_progress.report(value, types.WorkDoneProgressReport(message=message))
 
     async def end(self, token: str | None | Future, message: str) -> None:
@@ -87,6 +89,7 @@ class ModelHost:
         self.worker = ModelWorker(self._idle_step)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_queued = asyncio.Event()  # set once the first load is queued: earlier requests wait for it
+        self._encoding: dict[str, tuple[Future, int, int]] = {}  # uri: (progress token, tokens to do, percent shown)
         self._background: set[asyncio.Task] = set()
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -250,16 +253,7 @@ class ModelHost:
         completer = self.completer
         if completer is None or uri not in completer.docs:
             return None
-        pending = completer.docs[uri].pending_tokens()
-        progress = None
-        if pending >= LARGE_ENCODE_TOKENS:
-            name = uri.rsplit("/", 1)[-1]
-            progress = self._threadsafe(self.progress.begin("superpie: encoding", f"{name}: {pending} tokens"))
-        try:
-            return completer.complete(uri, offset, options, cancelled)
-        finally:
-            if progress is not None:
-                self._threadsafe(self.progress.end(progress, "done"))
+        return completer.complete(uri, offset, options, cancelled)
 
     def _prefetch_job(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
                       cancelled: Callable[[], bool]) -> CompletionOutcome | None:
@@ -292,7 +286,35 @@ class ModelHost:
 
     def _idle_step(self) -> bool:
         completer = self.completer
-        return completer.refresh_step() if completer is not None else False
+        if completer is None:
+            return False
+        more = completer.refresh_step()
+        self._report_encoding(completer)
+        return more
+
+    def _report_encoding(self, completer: Completer) -> None:
+        """$/progress for the windows idle steps are building: begun once LARGE_ENCODE_TOKENS are to do, reported
+        every PROGRESS_STEP percent, ended when the window is built (or its document closed)."""
+        for uri in [u for u in self._encoding if u not in completer.docs]:
+            self._threadsafe(self.progress.end(self._encoding.pop(uri)[0], "closed"))
+        for uri, doc in completer.docs.items():
+            pending = doc.pending_tokens()
+            entry = self._encoding.get(uri)
+            if entry is None:
+                if pending >= LARGE_ENCODE_TOKENS:
+                    message = f"{uri.rsplit('/', 1)[-1]}: {pending} tokens"
+                    self._encoding[uri] = (self._threadsafe(self.progress.begin("superpie: encoding", message)),
+                                           pending, 0)
+                continue
+            token, total, shown = entry
+            if pending == 0:
+                del self._encoding[uri]
+                self._threadsafe(self.progress.end(token, "done"))
+                continue
+            percent = 100 * max(0, total - pending) // total
+            if percent >= shown + PROGRESS_STEP:
+                self._encoding[uri] = (token, total, percent)
+                self._threadsafe(self.progress.report(token, f"{percent}%"))
 
 
 def text_digest(text: str) -> str:

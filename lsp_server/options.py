@@ -14,7 +14,7 @@ from typing import Any
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
 from kv_cache.buffer_cache import SPLICE_MODES
-from lsp_server.completer import LAYOUTS, REFRESH_POLICIES, SCOPES, CompletionOptions
+from lsp_server.completer import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CompletionOptions
 
 SECTION = "superpie"  # the workspace/configuration section and the initializationOptions wrapper key
 LOG_LEVELS = ("error", "warning", "info", "debug")
@@ -28,6 +28,7 @@ class ServerOptions:
     quantization: str = DEFAULT_QUANTIZATION
     drafts: int = 3  # drafts for an Invoked request (the user cycles through them)
     automatic_drafts: int = 1  # drafts for an Automatic (as-you-type) request: one is enough to show
+    draft_method: str = CompletionOptions.draft_method  # how k > 1 drafts are decoded (bench/decode.py chose it)
     max_tokens: int = 64
     scope: str = "auto"  # "auto" | "single" | "multi": how far one suggestion may run
     speculative: bool = True
@@ -49,7 +50,7 @@ class ServerOptions:
         """What one request decodes with under these settings (the tests that pick prompts in-process use
         the same, so they see what the server will answer)."""
         return CompletionOptions(max_tokens=self.max_tokens, drafts=drafts, scope=self.scope,
-                                 speculative=self.speculative, layout=self.layout)
+                                 speculative=self.speculative, layout=self.layout, draft_method=self.draft_method)
 
 
 def _camel(name: str) -> str:
@@ -104,6 +105,7 @@ _CHECKS = {
     "quantization": _choice(tuple(sorted(QUANTIZATIONS))),
     "drafts": _int_in(1, MAX_DRAFTS),
     "automatic_drafts": _int_in(1, MAX_DRAFTS),
+    "draft_method": _choice(DRAFT_METHODS),
     "max_tokens": _int_in(1, MAX_TOKENS),
     "scope": _choice(SCOPES),
     "speculative": _flag,

@@ -12,8 +12,9 @@ from inference.generate import first_line
 from tests.test_bench_pie import write_records
 from tests.test_ngram import use_fixture_sources
 
-KEYS = ("speedup_speculative", "identical_outputs", "superposed_time_ratio", "em_greedy", "em_draft1",
-        "em_best_of_k", "suffix_duplications", "n")
+KEYS = ("speedup_speculative", "identical_outputs", "methods", "suffix_duplications", "n", "machine")
+METHODS = ("greedy", "superposed", "beam", "sampled")
+METHOD_KEYS = ("time_vs_greedy", "em_draft1", "em_best_of_k", "distinct_first_lines")
 
 
 def test_decode_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
@@ -29,12 +30,19 @@ def test_decode_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path:
         assert key in summary, key
     assert summary["n"] == 5 and summary["n_records"] == 3
     assert summary["identical_outputs"] == 1.0  # speculative decoding is lossless
-    assert summary["speedup_speculative"] > 0 and summary["superposed_time_ratio"] > 0
-    assert summary["em_best_of_k"] >= summary["em_draft1"]
+    assert summary["speedup_speculative"] > 0
+    assert set(summary["methods"]) == set(METHODS)
+    for name, method in summary["methods"].items():
+        assert set(METHOD_KEYS) <= set(method), name
+        assert method["time_vs_greedy"] > 0 and method["em_best_of_k"] >= method["em_draft1"]
+    assert summary["methods"]["greedy"]["time_vs_greedy"] == 1.0
     for target in (t for r in summary["records"] for t in r["targets"]):
-        assert len(target["drafts"]["greedy"]) <= 1 and len(target["drafts"]["superposed"]) <= 3
-        assert all(first_line(d)[1] is False for d in target["drafts"]["superposed"])  # leading blank lines kept
-    assert "| all | 5 |" in capsys.readouterr().out
+        assert len(target["drafts"]["greedy"]) <= 1
+        for name in METHODS[1:]:
+            assert len(target["drafts"][name]) <= 3, name
+            assert all(first_line(d)[1] is False for d in target["drafts"][name])  # leading blank lines kept
+    out = capsys.readouterr().out
+    assert "| all | 5 |" in out and all(f"| {name} |" in out for name in METHODS)
 
 
 @pytest.mark.parametrize(("line", "balanced"), [

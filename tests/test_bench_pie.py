@@ -125,3 +125,14 @@ def test_update_time_plot_has_one_dot_per_record_and_mode() -> None:
     assert svg.count("<circle") == 5 * 3 + 3  # dots plus the legend
     with pytest.raises(ValueError, match="no records"):
         update_time_svg({"records": []})
+
+
+def test_cold_plot_has_one_dot_per_file_and_version() -> None:
+    from bench.plot import cold_answer_svg
+
+    def served(latencies: list[float]) -> dict[str, Any]:
+        return {"served_rows": [{"bytes": 2000 * (i + 1), "latency_s": s} for i, s in enumerate(latencies)]}
+
+    svg = cold_answer_svg(served([12.0, 5.0, 30.0]), served([1.0, 0.5, 2.0]))
+    assert svg.startswith("<svg") and svg.count("<circle") == 3 + 3 + 2  # dots plus the legend
+    assert ">main<" in svg and ">now<" in svg

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from inference.generate import Draft, GenerationResult, decode_one_token, first_line
+import lsp_server.completer as completer_module
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions, uses_suffix
+from lsp_server.completer import DRAFT_METHODS, Completer, CompletionOptions, uses_suffix
 from tests.decoding import fim, start
 from tests.fixtures import cpython_text, never_ending
 
@@ -30,6 +31,7 @@ def test_completion_at_end_of_document_follows_a_plain_fim_prompt_step_by_step(c
     completer.open(URI, text)
     model = tiny_model_fp32
     prompt = fim(model.tokenizer, text, "")
+    completer.docs[URI].ensure_rows()  # all of the window, as idle steps build it (a cold request sees less)
     ctx = completer.docs[URI].context(len(text), room=16)
     assert ctx.healed == prompt.healed
     plain, plain_logits = start(model, prompt.ids, 16)
@@ -130,22 +132,51 @@ def test_reopened_document_restores_its_rows_from_disk(tiny_model_fp32, tmp_path
     first = completer.complete(URI, 1500, CompletionOptions(max_tokens=4))
     completer.close(URI)
     completer.open(URI, SOURCE)
-    assert not completer.refresh_step()  # restored in one step: nothing left to encode
+    assert completer.refresh_step()  # one step reads the rows back
+    assert not completer.refresh_step()  # and nothing is left to encode
     assert completer.stats()["restores"] == 1 and completer.stats()["cached_tokens"] > 500
     again = completer.complete(URI, 1500, CompletionOptions(max_tokens=4))
     assert [s.text for s in again.suggestions] == [s.text for s in first.suggestions]
 
 
-@pytest.mark.parametrize("method", ["batched", "superposed"])
+@pytest.mark.parametrize("method", DRAFT_METHODS)
 def test_several_drafts_are_distinct_and_ranked(completer, method):
-    completer.draft_method = method
     completer.open(URI, SOURCE)
-    outcome = completer.complete(URI, 1500, CompletionOptions(max_tokens=24, drafts=3, scope="single"))
+    outcome = completer.complete(URI, 1500, CompletionOptions(max_tokens=24, drafts=3, scope="single",
+                                                              draft_method=method))
     texts = [s.text for s in outcome.suggestions]
     assert len(texts) <= 3 and len(set(texts)) == len(texts)
     scores = [s.score for s in outcome.suggestions]
     assert scores == sorted(scores, reverse=True)
     assert all(first_line(t)[1] is False for t in texts)  # blank lines before the code are kept, none after it
+
+
+@pytest.mark.parametrize("method", DRAFT_METHODS)
+def test_the_draft_method_option_chooses_the_decoder(completer, monkeypatch, method):
+    """k drafts go to the decoder the request names; one draft is always the greedy (speculative) path."""
+    called = []
+    for name in ("superposed_decode", "beam_decode", "sampled_decode", "speculative_decode"):
+        monkeypatch.setattr(completer_module, name, lambda *args, name=name, **kwargs: called.append(name) or
+                            GenerationResult([Draft("x", [1], -1.0)]))
+    completer.open(URI, "x = 1\n")
+    completer.complete(URI, 6, CompletionOptions(drafts=3, draft_method=method))
+    completer.complete(URI, 6, CompletionOptions(drafts=1, draft_method=method))
+    assert called == [f"{method}_decode", "speculative_decode"]
+
+
+def test_idle_work_builds_the_ngram_model_once_a_superposed_request_wants_it(completer, monkeypatch):
+    """Only superposed decoding re-scores with the n-gram model, so only its requests cost the build."""
+    built = []
+    monkeypatch.setattr(completer, "_build_ngram", lambda: built.append(1) or setattr(completer, "ngram", object()))
+    completer.open(URI, SOURCE)
+    completer.complete(URI, 1500, CompletionOptions(max_tokens=2, drafts=3, draft_method="beam"))
+    while completer.refresh_step():
+        pass
+    assert built == []
+    completer.complete(URI, 1500, CompletionOptions(max_tokens=2, drafts=3, draft_method="superposed"))
+    while completer.refresh_step():
+        pass
+    assert built == [1]
 
 
 def test_drafts_that_finish_to_the_same_text_are_one_suggestion(completer, monkeypatch):

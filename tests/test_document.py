@@ -102,8 +102,8 @@ def test_context_at_end_of_document_equals_a_fresh_fim_prompt(tiny_model_fp32):
     doc = _doc(model, text)
     ctx = doc.context(len(text))
     sp = model.tokenizer.specials
-    kept = doc.ids[:ctx.prefix_rows - 1]  # the document's tokens before the healed ones
-    assert model.tokenizer.decode(kept).encode() + ctx.healed == text.encode()
+    kept = doc.ids[doc.lo:doc.lo + ctx.prefix_rows - 1]  # the window's tokens before the healed ones
+    assert model.tokenizer.decode(kept).encode() + ctx.healed == text[doc.doc.starts[doc.lo]:].encode()
     _, expected = start(model, [sp.fim_prefix, *kept, sp.fim_suffix, sp.fim_middle])
     np.testing.assert_allclose(ctx.logits, expected, atol=1e-4)
 
@@ -117,8 +117,10 @@ def test_context_borrows_suffix_rows_at_the_right_positions(tiny_model_fp32, cur
     assert ctx.prefix + ctx.suffix == text
     healed = ctx.healed.decode("utf-8")
     assert ctx.prefix.endswith(healed)
-    # The prefix rows are exact: they equal a fresh encode of [fim_prefix] + the prefix tokens.
-    prefix_ids = model.tokenizer.encode(ctx.prefix[: len(ctx.prefix) - len(healed)])
+    # The prefix rows are exact: they equal a fresh encode of [fim_prefix] + the window's prefix tokens.
+    prefix_ids = doc.ids[doc.lo:doc.lo + ctx.prefix_rows - 1]
+    assert model.tokenizer.decode(prefix_ids) + healed == ctx.prefix[doc.doc.starts[doc.lo]:] if doc.lo < len(
+        doc.ids) else True
     if prefix_ids:
         fresh, _ = start(model, [model.tokenizer.specials.fim_prefix, *prefix_ids])
         np.testing.assert_allclose(ctx.cache.keys[0][:, :fresh.length], fresh.keys[0][:, :fresh.length], atol=2e-4)
@@ -173,5 +175,113 @@ def test_prefix_layout_ends_the_prompt_before_the_healed_tokens(tiny_model_fp32)
     fim = doc.context(500)
     assert ctx.prefix_rows == fim.prefix_rows and ctx.healed == fim.healed
     assert ctx.cache.position == ctx.prefix_rows  # the marker and the kept prefix tokens, then the output
-    _, expected = start(model, [model.tokenizer.specials.fim_prefix, *doc.ids[:ctx.prefix_rows - 1]])
+    _, expected = start(model, [model.tokenizer.specials.fim_prefix, *doc.ids[doc.lo:doc.lo + ctx.prefix_rows - 1]])
     np.testing.assert_allclose(ctx.logits, expected, atol=1e-4)
+
+
+# -- cold starts: answer from a short window, grow it at idle, restore what was saved -------------------------------
+
+COLD = WindowBudget(prefix=96, suffix=32, slack=32, first=24, first_suffix=8)
+
+
+def test_a_cold_request_encodes_only_the_tokens_near_its_cursor(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:8000], COLD)
+    cursor = 6000
+    ctx = doc.context(cursor)
+    cursor_token = int(np.searchsorted(doc.doc.starts, cursor))
+    assert ctx.logits is not None and ctx.prefix == doc.text[:cursor]
+    assert 0 < ctx.built <= COLD.first + COLD.first_suffix + 2  # + the marker, + the token the cursor splits
+    assert doc.lo >= cursor_token - COLD.first - 1 and doc.lo > doc.target_lo  # the rest is left to idle steps
+    assert doc.pending_tokens() > 0
+    assert doc.window()["rows"] == doc.hi - doc.lo < doc.window()["window"]
+
+
+def test_growing_the_window_backwards_then_refreshing_equals_a_fresh_encode(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:8000], COLD)
+    doc.context(6000)
+    short_lo = doc.lo
+    steps = 0
+    while doc.encode_step(max_tokens=8):
+        steps += 1
+    assert doc.pending_tokens() == 0 and doc.lo == doc.target_lo < short_lo and steps > 2
+    assert doc.stale_rows() > 0  # the rows after each inserted chunk moved: PIE re-rotated them
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_growing_follows_edits_made_while_the_window_grows(tiny_model_fp32):
+    doc = _doc(tiny_model_fp32, SOURCE[:8000], COLD)
+    doc.context(6000)
+    doc.encode_step(max_tokens=8)
+    doc.apply([TextEdit(5900, 5900, "x = 1\n"), TextEdit(10, 10, "# top\n")])  # in the rows, and far above them
+    doc.context(6010)
+    assert doc.ids == tiny_model_fp32.tokenizer.encode(doc.text)
+    while doc.encode_step(max_tokens=8):
+        pass
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(tiny_model_fp32, doc)
+
+
+def test_reopened_text_restores_its_saved_prefix_and_encodes_only_the_rest(tiny_model_fp32, tmp_path):
+    model = tiny_model_fp32
+    store = BufferStore(1024, tmp_path, "test", decoder=model.decoder)
+    original = SOURCE[:1500]
+    first = DocumentCache("file:///a.py", original, model.decoder, model.tokenizer, store)
+    first.ensure_rows()
+    store.close("file:///a.py")  # the editor closed it: the rows go to disk
+    changed = original[:1200] + "    return None\n" + original[1200:]  # the file changed further down
+    doc = DocumentCache("file:///a.py", changed, model.decoder, model.tokenizer, store)
+    kept = next(i for i, (a, b) in enumerate(zip(first.ids, doc.ids)) if a != b)  # tokens before the change
+    restored = doc.encode_step()
+    assert restored == 1 + kept and store.stats().restores == 1  # the marker and the unchanged tokens
+    encoded = 0
+    while step := doc.encode_step():
+        encoded += step
+    assert encoded == len(doc.ids) - kept
+    assert doc.cache().ids.tolist() == [model.tokenizer.specials.fim_prefix, *doc.ids]
+
+
+def _gapped(model, text: str = SOURCE[:8000]) -> tuple[DocumentCache, int]:
+    """A document whose idle steps encoded its first 32 tokens, then a request 100 tokens down (its window
+    starts at the top, so those rows stay as the head, and the request encodes its own `first` tokens)."""
+    doc = _doc(model, text, COLD)
+    assert doc.encode_step(max_tokens=16) and doc.encode_step(max_tokens=16)  # marker + 16, then 16 more
+    cursor = doc.doc.starts[100]
+    return doc, cursor
+
+
+def test_a_cold_request_keeps_the_rows_idle_steps_built_at_the_top(tiny_model_fp32):
+    model = tiny_model_fp32
+    doc, cursor = _gapped(model)
+    ctx = doc.context(cursor)
+    assert doc.head == 32 and doc.lo > doc.head and ctx.built <= COLD.first + COLD.first_suffix + 2
+    fim_prefix = model.tokenizer.specials.fim_prefix
+    assert doc.cache().ids.tolist()[:ctx.prefix_rows] == [fim_prefix, *doc.ids[:32], *doc.ids[doc.lo:doc.lo +
+                                                                                                ctx.prefix_rows - 33]]
+    assert ctx.reused + ctx.encoded == ctx.cache.position  # positions run on over the gap
+    while doc.encode_step(max_tokens=8):
+        pass
+    assert doc.head == 0 and doc.lo == 0 and doc.pending_tokens() == 0  # the gap closed
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(model, doc)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_edits_while_the_gap_is_open_keep_text_and_rows_in_step(tiny_model_fp32, seed):
+    """Edits anywhere (head, gap, window, after it) interleaved with idle steps: the rows always hold the ids
+    of the head and the window, and once built and refreshed they equal a fresh encode."""
+    model, rng = tiny_model_fp32, random.Random(seed)
+    doc, cursor = _gapped(model, SOURCE[:3000])
+    doc.context(cursor)
+    fim_prefix = model.tokenizer.specials.fim_prefix
+    for _ in range(6):
+        doc.apply([_random_edit(rng, doc.text)])
+        assert doc.ids == model.tokenizer.encode(doc.text)
+        rows = doc.cache()
+        if rows is not None:
+            assert rows.ids.tolist() == [fim_prefix, *doc.ids[:doc.head], *doc.ids[doc.lo:doc.hi]]
+        doc.encode_step(max_tokens=8)
+    while doc.encode_step(max_tokens=8):
+        pass
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(model, doc)

@@ -29,6 +29,7 @@ from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
 from lsp_server.completer import Completer, CompletionOptions
+from kv_cache.document import WindowBudget
 from tests.fixtures import cpython_text
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -579,19 +580,41 @@ async def _full_decode_tokens(client: LanguageClient, prompt: str) -> float:
     return (await stats(client))["cache"]["recent_timings"][-1]["generated_tokens"]
 
 
-async def test_large_buffer_first_encode_reports_progress(client):
+async def until_encoded(client: LanguageClient, name: str, timeout: float = 60) -> list[Any]:
+    """The "superpie: encoding" progress of the file `name`, once it has ended (the idle steps built its window)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for values in client.progress_reports.values():
+            begin = values[0] if values else None  # a token the server created but has not begun yet
+            if isinstance(begin, types.WorkDoneProgressBegin) and begin.title == "superpie: encoding" and \
+                    (begin.message or "").startswith(name + ":") and isinstance(values[-1], types.WorkDoneProgressEnd):
+                return values
+        assert time.monotonic() < deadline, f"no finished encoding progress for {name}: {client.progress_reports}"
+        await asyncio.sleep(0.02)
+
+
+async def test_large_buffer_encode_reports_progress(client):
     body = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(400))
     doc = Doc(client, "file:///large.py", body)
     await doc.inline()
+    reports = await until_encoded(client, "large.py")
+    assert any(isinstance(v, types.WorkDoneProgressReport) and v.message.endswith("%") for v in reports)
 
-    def encoding_reports() -> list[list[Any]]:
-        return [values for values in client.progress_reports.values()
-                if any(isinstance(v, types.WorkDoneProgressBegin) and v.title == "superpie: encoding" for v in values)]
 
-    deadline = time.monotonic() + 30  # the begin and end notifications may trail the answer
-    while not any(isinstance(values[-1], types.WorkDoneProgressEnd) for values in encoding_reports()):
-        assert time.monotonic() < deadline, f"no finished encoding progress: {client.progress_reports}"
-        await asyncio.sleep(0.02)
+async def test_a_cold_request_answers_from_a_short_window_and_idle_steps_build_the_rest(client):
+    """The first request in a large unencoded document encodes only the tokens before its cursor that
+    WindowBudget.first allows (not the 2,048-token window); idle work then builds the whole window."""
+    body = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(600))
+    doc = Doc(client, "file:///cold.py", body)
+    assert await doc.inline(invoked=False) is not None
+    result = await stats(client, doc.uri)
+    built = [t["window_tokens"] for t in result["cache"]["recent_timings"]]  # the request's, then its prefetch's
+    assert 0 < max(built) <= WindowBudget().first + 2  # the marker, the token the cursor splits
+    assert doc.uri in result["cache"]["encoding"]  # superpie.stats says how far the window is
+    await until_encoded(client, "cold.py")  # polling superpie.stats instead would hold the idle steps off
+    cache = (await stats(client, doc.uri))["cache"]
+    assert doc.uri not in cache["encoding"]
+    assert cache["cached_tokens"] > WindowBudget().prefix  # all of the window, far more than the request encoded
 
 
 # -- completion items for clients without inline completions -------------------------------------------------------
@@ -620,6 +643,22 @@ async def test_initialization_options_set_the_settings(tiny_gguf, tiny_cache):
         result = await stats(client)
         assert result["server"]["settings"]["drafts"] == 2 and result["server"]["settings"]["maxTokens"] == 7
         assert result["cache"]["cache_mode"] == "full"
+    finally:
+        await stop_server(client)
+
+
+async def test_draft_method_round_trips_through_initialization_options_and_configuration(tiny_gguf, tiny_cache):
+    """initializationOptions set it, a pulled workspace/configuration changes it, a bad value keeps the last one."""
+    client = await start_server(tiny_gguf, tiny_cache, init_options={"superpie": {"draftMethod": "superposed"}})
+    try:
+        assert (await stats(client))["server"]["settings"]["draftMethod"] == "superposed"
+        client.set_configuration({"draftMethod": "sampled"}, section="superpie")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+        await _settle(client, lambda r: r["server"]["settings"]["draftMethod"] == "sampled")
+        client.set_configuration({"draftMethod": "batched"}, section="superpie")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+        await _settle(client, lambda r: any("draftMethod" in m.message for m in client.messages))
+        assert (await stats(client))["server"]["settings"]["draftMethod"] == "superposed"
     finally:
         await stop_server(client)
 

@@ -147,8 +147,16 @@ def test_settings_that_are_not_an_object_warn():
     assert options == ServerOptions() and len(warnings) == 1
 
 
+def test_draft_method_is_a_checked_setting_that_reaches_each_request():
+    options, warnings = parse_options({"draftMethod": "superposed"})
+    assert (options.draft_method, warnings) == ("superposed", [])
+    assert options.completion(3).draft_method == "superposed"
+    options, warnings = parse_options({"draftMethod": "batched"})  # the old internal name of beam search
+    assert options.draft_method == ServerOptions().draft_method and "draftMethod" in warnings[0]
+
+
 def test_wire_names_round_trip():
-    options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug")
+    options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug", draft_method="sampled")
     assert parse_options(to_wire(options)) == (options, [])
 
 

@@ -218,7 +218,7 @@ def test_evicted_cache_restores_with_same_ids(encoded, documents, tmp_path, mode
     assert store.bytes_used <= store.budget_bytes
 
 
-def test_restore_with_different_ids_is_none(encoded, documents, tmp_path, model_id):
+def test_restore_with_different_leading_ids_is_none(encoded, documents, tmp_path, model_id):
     store = _store_for_three(encoded, tmp_path, model_id)
     for uri in encoded:
         store.put(uri, _copy(encoded[uri]))
@@ -226,7 +226,25 @@ def test_restore_with_different_ids_is_none(encoded, documents, tmp_path, model_
     edited = list(documents[first])
     edited[5] = (edited[5] + 1) % 100
     assert store.restore(first, edited) is None
-    assert store.restore(first, documents[first][:-1]) is None
+    assert store.restore(first, documents[first][:persist.KEY_ROWS - 1]) is None  # too short to be looked up
+
+
+def test_restore_takes_the_longest_saved_prefix(encoded, documents, tmp_path, model_id):
+    """A text that changed after its first rows gets the saved rows up to the change (they depend only on the
+    tokens before them); a longer text gets all the saved rows, and the rest is left to encode."""
+    store = _store_for_three(encoded, tmp_path, model_id)
+    for uri in encoded:
+        store.put(uri, _copy(encoded[uri]))
+    first = next(iter(encoded))
+    saved = list(documents[first])
+    changed = saved[:100] + [(saved[100] + 1) % 100] + saved[101:]
+    restored = store.restore(first, changed)
+    assert restored is not None and len(restored) == 100
+    np.testing.assert_array_equal(restored.ids, saved[:100])
+    for got, want in zip(restored.past()[0], encoded[first].past()[0]):
+        np.testing.assert_allclose(got, want[:, :100], atol=0.05 * np.abs(want).max())  # the disk codec's error
+    longer = store.restore(first, saved + saved[:7])
+    assert longer is not None and len(longer) == len(saved)
 
 
 def test_close_persists_and_frees(encoded, documents, tmp_path, model_id):

@@ -9,7 +9,7 @@ from inference.generate import SINGLE_LINE, DecodeRequest, completion_text, firs
     vocabulary
 from inference.ngram import NgramModel
 from inference.prompt import Prompt
-from inference.superposed import SuperposedSearch, _Drafts, beam_decode, superposed_decode
+from inference.superposed import SuperposedSearch, _Drafts, beam_decode, sampled_decode, superposed_decode
 from tests.decoding import before_cursor, fim, start, start_past_hidden_rows
 from tests.fixtures import never_ending
 
@@ -22,7 +22,11 @@ def _beam(decoder, vocab, cache, logits, request, k, history):
     return beam_decode(decoder, vocab, cache, logits, request, k)
 
 
-DECODERS = [_superposed, _beam]
+def _sampled(decoder, vocab, cache, logits, request, k, history):
+    return sampled_decode(decoder, vocab, cache, logits, request, k)
+
+
+DECODERS = [_superposed, _beam, _sampled]
 
 
 def _complete(decode, model, tok, prompt: Prompt, request: DecodeRequest, k: int):
@@ -124,7 +128,7 @@ def test_drafts_with_the_same_text_are_merged(tiny_model, decode):
     assert [d.text for d in result.drafts] == [""]
 
 
-@pytest.mark.parametrize("decode", DECODERS)
+@pytest.mark.parametrize("decode", [_superposed, _beam])
 def test_one_draft_is_greedy_decoding(tiny_model, decode):
     """Without end-of-text: greedy stops at one, while the k-draft decoders keep a longer draft beside the one it
     ended and may rank that first by mean score."""
@@ -134,6 +138,30 @@ def test_one_draft_is_greedy_decoding(tiny_model, decode):
     greedy = greedy_decode(tiny_model.decoder, vocabulary(tok), *start(tiny_model, prompt.ids), request)
     result = _complete(decode, tiny_model, tok, prompt, request, k=1)
     assert [d.token_ids for d in result.drafts] == [greedy.drafts[0].token_ids]
+
+
+def test_each_sampled_draft_is_decoded_after_the_prompt_alone(tiny_model):
+    """With the nucleus cut to one token every pass is greedy decoding: the k passes give greedy's draft once,
+    which holds only if each pass starts from the prompt's rows (the cache is rewound between drafts)."""
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, "def wrap(text, width):\n    lines = ", "\n", heal=False)
+    request, vocab = DecodeRequest(6, None), vocabulary(tok)
+    greedy = greedy_decode(tiny_model.decoder, vocab, *start(tiny_model, prompt.ids), request)
+    cache, logits = start(tiny_model, prompt.ids, room=3 * 6)
+    sampled = sampled_decode(tiny_model.decoder, vocab, cache, logits, request, 3, top_p=1e-9)
+    assert [d.token_ids for d in sampled.drafts] == [greedy.drafts[0].token_ids]
+
+
+def test_sampled_drafts_are_reproducible(tiny_model):
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, "def wrap(text, width):\n    lines = ", "\n", heal=False)
+
+    def drafts(seed: int) -> list[list[int]]:
+        cache, logits = start(tiny_model, prompt.ids, room=3 * 6)
+        result = sampled_decode(tiny_model.decoder, vocabulary(tok), cache, logits, DecodeRequest(6, None), 3, seed=seed)
+        return [d.token_ids for d in result.drafts]
+
+    assert drafts(7) == drafts(7)
 
 
 def test_superposed_decoding_runs_one_forward_per_step_for_all_drafts(tiny_model):

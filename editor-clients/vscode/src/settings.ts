@@ -12,6 +12,7 @@ export const SERVER_OPTION_KEYS = [
     'quantization',
     'drafts',
     'automaticDrafts',
+    'draftMethod',
     'maxTokens',
     'scope',
     'speculative',

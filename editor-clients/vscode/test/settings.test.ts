@@ -17,6 +17,12 @@ test('only explicitly set server options are sent, so the server keeps its own d
     assert.deepEqual(options, { drafts: 5, cacheMode: 'full' });
 });
 
+test('draftMethod is a server option: sent when the user sets it', () => {
+    const options = serverOptions(inspector({ draftMethod: { defaultValue: 'beam', globalValue: 'superposed' } }));
+    assert.deepEqual(options, { draftMethod: 'superposed' });
+    assert.equal(configurationItem('superpie.draftMethod', options), 'superposed');
+});
+
 test('client-only settings never reach the server', () => {
     const options = serverOptions(
         inspector({ enable: { globalValue: false }, 'server.command': { globalValue: '/x/superpie' } }),

@@ -50,8 +50,8 @@ M.defaults = {
 
 --- The server option names (lsp_server/options.py, camelCase on the wire).
 M.server_options = {
-  'model', 'quantization', 'drafts', 'automaticDrafts', 'maxTokens', 'scope', 'speculative', 'layout',
-  'cacheMode', 'memoryBudgetMb', 'refresh', 'prefetch', 'logLevel',
+  'model', 'quantization', 'drafts', 'automaticDrafts', 'draftMethod', 'maxTokens', 'scope', 'speculative',
+  'layout', 'cacheMode', 'memoryBudgetMb', 'refresh', 'prefetch', 'logLevel',
 }
 
 ---@type superpie.Config
