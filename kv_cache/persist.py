@@ -146,29 +146,56 @@ def save(cache: BufferCache, directory: Path, model_id: str,
     return path
 
 
-def load(path: Path, decoder: Decoder, model_id: str, rows: int | None = None) -> BufferCache | None:
-    """The cache stored at `path` (its first `rows` rows, if given), or None if it is missing, damaged, from
-    another version or another model."""
+def load(path: Path, decoder: Decoder, model_id: str) -> BufferCache | None:
+    """The cache stored at `path`, or None if it is missing, damaged, from another version or another model."""
+    stored = read(path, decoder, model_id)
+    return None if stored is None else stored.cache()
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """A checked file: its ids are at hand, its rows are dequantized only by `cache` (a restore compares the ids
+    of several files and builds rows from one)."""
+
+    path: Path
+    header: dict
+    arrays: np.lib.npyio.NpzFile
+    decoder: Decoder
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.arrays["ids"]
+
+    def cache(self, rows: int | None = None) -> BufferCache | None:
+        """A cache of the first `rows` rows (all by default); None if the payload is damaged."""
+        try:
+            return self._cache(rows)
+        except _LOAD_ERRORS as exc:
+            log.info("ignoring KV cache file %s: %s", self.path, exc)
+            return None
+
+    def _cache(self, rows: int | None) -> BufferCache:
+        cfg, levels, n, arrays = self.decoder.config, self.header["levels"], self.header["rows"], self.arrays
+        keep = n if rows is None else min(rows, n)
+        symbols = np.frombuffer(zlib.decompress(arrays["symbols"].tobytes()), np.int8)
+        streams = symbols.reshape(2, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n)[..., :keep]  # [K/V, layers, kv*hd, n]
+        keys = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
+        values = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
+        return BufferCache.from_rows(self.decoder, arrays["ids"][:keep], arrays["positions"][:keep],
+                                     arrays["stale"][:keep], keys, values)
+
+
+def read(path: Path, decoder: Decoder, model_id: str) -> StoredRows | None:
+    """The file at `path`, checked (magic, checksum, model identity and shape), or None if it is missing,
+    damaged, from another version or another model."""
     try:
-        opened = _open(Path(path).read_bytes(), decoder, model_id, path)
-        return None if opened is None else _rows(*opened, decoder, rows)
+        return _open(Path(path), Path(path).read_bytes(), decoder, model_id)
     except _LOAD_ERRORS as exc:
         log.info("ignoring KV cache file %s: %s", path, exc)
         return None
 
 
-def stored_ids(path: Path, decoder: Decoder, model_id: str) -> np.ndarray | None:
-    """The token ids a file holds rows for (checked like `load`, nothing dequantized), or None."""
-    try:
-        opened = _open(Path(path).read_bytes(), decoder, model_id, path)
-        return None if opened is None else opened[1]["ids"]
-    except _LOAD_ERRORS as exc:
-        log.info("ignoring KV cache file %s: %s", path, exc)
-        return None
-
-
-def _open(data: bytes, decoder: Decoder, model_id: str, path: Path) -> tuple[dict, np.lib.npyio.NpzFile] | None:
-    """The checked header and the (lazily read) arrays of a file's bytes; None if another model wrote it."""
+def _open(path: Path, data: bytes, decoder: Decoder, model_id: str) -> StoredRows | None:
     body, digest = data[:-_DIGEST_LEN], data[-_DIGEST_LEN:]
     if body[:len(MAGIC)] != MAGIC:
         raise ValueError("not a superpie KV cache file")
@@ -184,18 +211,7 @@ def _open(data: bytes, decoder: Decoder, model_id: str, path: Path) -> tuple[dic
     if wrong:
         log.info("ignoring KV cache file %s written for %s", path, wrong)
         return None
-    return header, np.load(io.BytesIO(body[start + head_len:]), allow_pickle=False)
-
-
-def _rows(header: dict, arrays: np.lib.npyio.NpzFile, decoder: Decoder, rows: int | None) -> BufferCache:
-    cfg, levels, n = decoder.config, header["levels"], header["rows"]
-    keep = n if rows is None else min(rows, n)
-    symbols = np.frombuffer(zlib.decompress(arrays["symbols"].tobytes()), np.int8)
-    streams = symbols.reshape(2, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n)[..., :keep]  # [K/V, layers, kv*hd, n]
-    keys = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
-    values = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
-    return BufferCache.from_rows(decoder, arrays["ids"][:keep], arrays["positions"][:keep], arrays["stale"][:keep],
-                                 keys, values)
+    return StoredRows(path, header, np.load(io.BytesIO(body[start + head_len:]), allow_pickle=False), decoder)
 
 
 def _compress(symbols: bytes) -> bytes:

@@ -118,15 +118,13 @@ class BufferStore:
         ids = np.asarray(ids, np.int64)
         best, best_rows = None, 0
         for path in persist.candidates(self.persist_dir, self.model_id, ids)[:newest]:
-            stored = persist.stored_ids(path, self.decoder, self.model_id)
-            if stored is None:
-                continue
-            rows = _common_prefix(stored, ids)
+            stored = persist.read(path, self.decoder, self.model_id)
+            rows = 0 if stored is None else _common_prefix(stored.ids, ids)
             if rows > best_rows:
-                best, best_rows = path, rows
+                best, best_rows = stored, rows
         if best is None or best_rows < min(persist.KEY_ROWS, len(ids)):
             return None
-        cache = persist.load(best, self.decoder, self.model_id, rows=best_rows)
+        cache = best.cache(best_rows)
         if cache is None:
             return None
         self._restores += 1

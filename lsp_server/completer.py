@@ -224,10 +224,8 @@ class Completer:
     def refresh_step(self) -> bool:
         """One bounded piece of idle work, the active document first, then the most recently used: encode rows a
         window still lacks, else re-encode stale rows (per the refresh policy). Returns whether work remains."""
-        order = list(reversed(self.store.lru_order() + [u for u in self.docs if u not in self.store]))
-        if self.active is not None:
-            order.insert(0, self.active)
-        for uri in order:
+        recent = reversed(self.store.lru_order() + [u for u in self.docs if u not in self.store])
+        for uri in [self.active, *(u for u in recent if u != self.active)]:
             doc = self.docs.get(uri)
             if doc is None:
                 continue
