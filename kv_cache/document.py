@@ -118,9 +118,13 @@ class DocumentCache:
         return rows
 
     def _restore(self, upto: int) -> BufferCache | None:
-        """The saved rows of the longest prefix of the window [lo, upto) on disk (the window then ends there)."""
+        """The saved rows of the longest prefix of the head and the window [lo, upto) on disk (the window then ends
+        there); without any, no rows and no head (the window is built again from `lo`)."""
         rows = self.store.restore(self.uri, self._row_ids(upto))
-        self.hi = self.lo if rows is None else self.lo + len(rows) - self._base
+        if rows is None:
+            self.hi, self.head = self.lo, 0
+        else:
+            self.hi = self.lo + len(rows) - self._base
         return rows
 
     def pending_tokens(self) -> int:
@@ -195,8 +199,8 @@ class DocumentCache:
         return self._base + token - self.lo
 
     def _row_ids(self, upto: int) -> list[int]:
-        return [self.fim[0]] * self._marker + self.doc.ids[:self.head] + self.doc.ids[self.lo:upto] if self.fim \
-            else self.doc.ids[:self.head] + self.doc.ids[self.lo:upto]
+        """The ids the rows hold with the window ending at `upto`: the marker, the head, the window."""
+        return ([self.fim[0]] if self.fim else []) + self.doc.ids[:self.head] + self.doc.ids[self.lo:upto]
 
     def _drop_head(self, rows: BufferCache) -> None:
         rows.apply_splice(self._marker, self._base, [], self.mode)
@@ -294,8 +298,8 @@ class DocumentCache:
 
     def _start_rows(self, upto: int) -> int:
         """New rows: the marker and the window's tokens [lo, upto)."""
-        self.hi = self.lo
-        first = ([self.fim[0]] if self.fim else []) + self.doc.ids[self.lo:upto]
+        self.hi, self.head = self.lo, 0
+        first = self._row_ids(upto)
         if not first:
             return 0
         rows = BufferCache(self.decoder, capacity=self._marker + self.target_hi - self.target_lo + self.budget.slack)

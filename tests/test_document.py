@@ -285,3 +285,20 @@ def test_edits_while_the_gap_is_open_keep_text_and_rows_in_step(tiny_model_fp32,
         pass
     _drain_refresh(doc)
     _assert_matches_fresh_encode(model, doc)
+
+
+def test_rows_lost_while_the_gap_is_open_are_rebuilt_without_the_head(tiny_model_fp32):
+    """An evicted document whose rows cannot be read back (no saved file) starts its rows again from `lo`: the
+    head it had is not assumed to be there."""
+    model = tiny_model_fp32
+    doc, cursor = _gapped(model)
+    doc.context(cursor)
+    assert doc.head
+    doc.store.drop(doc.uri)  # what eviction does without a persist directory
+    assert doc.encode_step()
+    assert doc.cache().ids.tolist() == [model.tokenizer.specials.fim_prefix, *doc.ids[:doc.head],
+                                        *doc.ids[doc.lo:doc.hi]]
+    while doc.encode_step(max_tokens=8):
+        pass
+    _drain_refresh(doc)
+    _assert_matches_fresh_encode(model, doc)
