@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import machine_info, peak_rss_mb, write_json
-from bench.lsp import AUTOMATIC, STDLIB, BenchServer, code_lines, lsp_position, multiline_string_lines
+from bench.lsp import (AUTOMATIC, REQUEST_TIMEOUT_S, STDLIB, BenchServer, code_lines, lsp_position,
+                       multiline_string_lines)
 from bench.pie import DEFAULT_DATA, format_table, load_records
 from inference.model_store import load_model
 from inference.registry import DEFAULT_MODEL
@@ -134,18 +135,17 @@ async def _served(model: str, cache: Path | None, targets: list[Target], delay_s
             await server.wait_ready()
             results = []
             for index, target in enumerate(targets):
-                uri = f"file:///cold/{index}/{Path(target.name).name}"
-                client = server.client
-                await client.send(client.notification("textDocument/didOpen", {"textDocument": {
-                    "uri": uri, "languageId": "python", "version": 1, "text": target.text}}))
-                await asyncio.sleep(delay_s)  # the user looks for the line: idle steps encode meanwhile
-                params = {"textDocument": {"uri": uri}, "position": lsp_position(target.text, target.cursor),
-                          "context": {"triggerKind": AUTOMATIC}}
+                doc = await server.open(f"file:///cold/{index}/{Path(target.name).name}", target.text)
+                # the count before this file's request, read now: a read just before the request would be a worker
+                # job that the request no longer waits behind, where a user's request may wait for an idle chunk
                 calls = (await server.cache_stats())["calls"]
-                request, future = client.request_frame("textDocument/inlineCompletion", params)
+                await asyncio.sleep(delay_s)  # the user looks for the line: idle steps encode meanwhile
+                params = {"textDocument": {"uri": doc.uri}, "position": lsp_position(target.text, target.cursor),
+                          "context": {"triggerKind": AUTOMATIC}}
+                request, future = server.client.request_frame("textDocument/inlineCompletion", params)
                 t0 = time.perf_counter()
-                await client.send(request)
-                result, received = await future
+                await server.client.send(request)
+                result, received = await asyncio.wait_for(future, REQUEST_TIMEOUT_S)
                 items = (result or {}).get("items") or []
                 text = items[0]["insertText"] if items else ""
                 timings = next(t for t in (await server.cache_stats())["recent_timings"] if t["call"] > calls)
@@ -155,7 +155,7 @@ async def _served(model: str, cache: Path | None, targets: list[Target], delay_s
                                 "window_tokens": timings.get("window_tokens")})
                 print(f"served [{index + 1}/{len(targets)}] {target.name}: {received - t0:.2f} s "
                       f"{first_line(text)!r}", file=sys.stderr, flush=True)
-                await client.send(client.notification("textDocument/didClose", {"textDocument": {"uri": uri}}))
+                await server.close(doc)
             return results
         finally:
             await server.client.close()
