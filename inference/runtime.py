@@ -76,14 +76,8 @@ class Decoder:
         self.session = ort.InferenceSession(str(model_path), options, providers=available_providers(device))
         self.providers = self.session.get_providers()
         self._outputs = ["logits"] + [n for i in range(config.n_layers) for n in (new_key_name(i), new_value_name(i))]
-        kv, hd = config.n_kv_heads, config.head_dim
-        self._past_names = [[(past_key_name(i, h), past_value_name(i, h)) for h in range(kv)]
+        self._past_names = [[(past_key_name(i, h), past_value_name(i, h)) for h in range(config.n_kv_heads)]
                             for i in range(config.n_layers)]
-        self._empty = np.zeros((1, kv, 0, hd), dtype=np.float32)
-
-    def empty_past(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        n = self.config.n_layers
-        return [self._empty[0]] * n, [self._empty[0]] * n
 
     def forward(
         self,

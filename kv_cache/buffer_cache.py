@@ -105,11 +105,6 @@ class BufferCache:
         return self._stale[: self._length].copy()
 
     @property
-    def next_position(self) -> int:
-        """Position of a token appended after the last row."""
-        return int(self._positions[self._length - 1]) + 1 if self._length else 0
-
-    @property
     def nbytes(self) -> int:
         """Bytes held by the preallocated buffers (the whole capacity, not just the rows in use)."""
         arrays = [*self._keys, *self._values, self._ids, self._positions, self._stale]

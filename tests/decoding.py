@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from inference.generate import (
     SINGLE_LINE,
     DecodeCache,
@@ -67,5 +69,13 @@ def greedy(model: LoadedModel, prompt: Prompt, max_tokens: int = 64, stop: StopR
 
 def logits_after(decoder, rows, tail: list[int]):
     """Logits of the last of `tail` fed after all of a BufferCache's rows (which stay as they are)."""
-    cache, _ = rows.lend(len(rows), len(tail), rows.next_position)
+    position = int(rows.positions[-1]) + 1 if len(rows) else 0  # of a token appended after the last row
+    cache, _ = rows.lend(len(rows), len(tail), position)
     return prefill(decoder, cache, tail)
+
+
+def empty_past(decoder) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Past keys and values of no rows, per layer [kv, 0, hd], for calling the graph directly."""
+    cfg = decoder.config
+    empty = np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
+    return [empty] * cfg.n_layers, [empty] * cfg.n_layers

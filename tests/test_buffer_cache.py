@@ -10,7 +10,7 @@ import pytest
 from kv_cache.buffer_cache import BufferCache
 from kv_cache.rotation import rerotate_keys
 from inference.generate import prefill
-from tests.decoding import logits_after
+from tests.decoding import empty_past, logits_after
 from tests.decoding import start as fresh_prefill
 from tests.fixtures import cpython_text
 
@@ -68,7 +68,7 @@ def _assert_rows_equal(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 def _encode_at(model, ids: list[int], first_position: int):
     decoder = model.decoder
-    return decoder.forward(np.array(ids), np.arange(first_position, first_position + len(ids)), *decoder.empty_past())
+    return decoder.forward(np.array(ids), np.arange(first_position, first_position + len(ids)), *empty_past(decoder))
 
 
 class RecordingDecoder:
@@ -148,7 +148,7 @@ def test_encode_matches_prefill(tiny_model, doc):
     _assert_rows_equal(cache.past()[1], rows.past()[1])
     assert cache.ids.tolist() == doc and len(cache) == len(doc)
     np.testing.assert_array_equal(cache.positions, np.arange(len(doc)))
-    assert cache.next_position == len(doc) and not cache.stale.any()
+    assert int(cache.positions[-1]) + 1 == len(doc) and not cache.stale.any()
 
 
 def test_encoding_beyond_the_initial_capacity_grows_the_buffers(tiny_model, source_ids):
@@ -217,7 +217,7 @@ def test_pie_keeps_positions_and_ids_in_document_order(tiny_model, doc, new_ids,
     expected = doc[:start] + ids + doc[stop:]
     assert cache.ids.tolist() == expected
     np.testing.assert_array_equal(cache.positions, np.arange(len(expected)))
-    assert cache.next_position == len(expected)
+    assert int(cache.positions[-1]) + 1 == len(expected)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -314,7 +314,7 @@ def test_full_equals_a_fresh_encode_of_the_new_ids(tiny_model, doc, new_ids):
 def test_a_lent_decode_writes_after_the_rows_and_never_changes_them(tiny_model, doc, new_ids):
     cache = _cache(tiny_model, doc)
     keys, values = _snapshot(cache)
-    lent, _ = cache.lend(len(cache), len(new_ids), cache.next_position)
+    lent, _ = cache.lend(len(cache), len(new_ids), int(cache.positions[-1]) + 1)
     prefill(tiny_model.decoder, lent, new_ids)
     assert lent.keys[0] is cache.past()[0][0].base  # the rows went into the cache's own buffers
     assert lent.length == len(doc) + len(new_ids) and len(cache) == len(doc) and cache.ids.tolist() == doc

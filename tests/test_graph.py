@@ -14,6 +14,7 @@ from inference.quantize import QUANTIZATIONS
 from inference.reference import reference_forward
 from inference.runtime import NEG_INF, causal_bias
 from inference.weights import load_weights
+from tests.decoding import empty_past
 
 TOLERANCE = 1e-3
 
@@ -55,7 +56,7 @@ def test_fp32_graph_matches_numpy_reference(architecture, tiny_gguf, tiny_llama_
     model = load_model(str(path), "fp32", cache=tiny_cache, progress=False)
     config, weights = _reference(path)
     ids = _ids(model, 20)
-    past_k, past_v = model.decoder.empty_past()
+    past_k, past_v = empty_past(model.decoder)
     out = model.decoder.forward(ids, np.arange(20), past_k, past_v, logits_index=np.arange(20))
     ref_logits, ref_k, ref_v = reference_forward(
         weights, config, ids[:, None], np.ones((20, 1), np.float32), np.arange(20), causal_bias(0, 20),
@@ -69,7 +70,7 @@ def test_embedding_mixture_matches_reference(tiny_model_fp32, tiny_gguf):
     config, weights = _reference(tiny_gguf)
     ids = _ids(tiny_model_fp32, 12).reshape(4, 3)
     mix = np.random.default_rng(1).dirichlet(np.ones(3), size=4).astype(np.float32)
-    past_k, past_v = tiny_model_fp32.decoder.empty_past()
+    past_k, past_v = empty_past(tiny_model_fp32.decoder)
     out = tiny_model_fp32.decoder.forward(ids, np.arange(4), past_k, past_v, mix_weights=mix,
                                           logits_index=np.arange(4))
     ref_logits, _, _ = reference_forward(weights, config, ids, mix, np.arange(4), causal_bias(0, 4),
@@ -79,7 +80,7 @@ def test_embedding_mixture_matches_reference(tiny_model_fp32, tiny_gguf):
 
 def test_mixture_of_one_token_equals_plain_decoding(tiny_model):
     ids = _ids(tiny_model, 6)
-    past_k, past_v = tiny_model.decoder.empty_past()
+    past_k, past_v = empty_past(tiny_model.decoder)
     plain = tiny_model.decoder.forward(ids, np.arange(6), past_k, past_v)
     mixed = tiny_model.decoder.forward(np.stack([ids, ids], axis=1), np.arange(6), past_k, past_v,
                                        mix_weights=np.full((6, 2), 0.5, np.float32))
@@ -107,7 +108,7 @@ def test_tree_mask_verifies_two_branches_in_one_forward(tiny_model):
     """Two 3-token branches after a shared root, positions = depth; each must equal its own linear run."""
     decoder = tiny_model.decoder
     prefix = _ids(tiny_model, 10, seed=3)
-    past_k, past_v = decoder.empty_past()
+    past_k, past_v = empty_past(decoder)
     base = decoder.forward(prefix, np.arange(10), past_k, past_v)
     root, a, b = 7, [11, 12, 13], [21, 22, 23]
     tree = np.array([root, *a, *b])
@@ -128,7 +129,7 @@ def test_tree_mask_verifies_two_branches_in_one_forward(tiny_model):
 
 def test_logits_come_only_for_requested_positions(tiny_model):
     ids = _ids(tiny_model, 8)
-    past_k, past_v = tiny_model.decoder.empty_past()
+    past_k, past_v = empty_past(tiny_model.decoder)
     everything = tiny_model.decoder.forward(ids, np.arange(8), past_k, past_v, logits_index=np.arange(8))
     some = tiny_model.decoder.forward(ids, np.arange(8), past_k, past_v, logits_index=np.array([2, 7]))
     assert some.logits.shape == (2, tiny_model.config.vocab_size)
@@ -141,7 +142,7 @@ def test_keys_are_stored_after_rope(tiny_model_fp32):
 
     decoder, hd = tiny_model_fp32.decoder, tiny_model_fp32.config.head_dim
     theta = tiny_model_fp32.config.rope_theta
-    past_k, past_v = decoder.empty_past()
+    past_k, past_v = empty_past(decoder)
     at_3 = decoder.forward(np.array([5]), np.array([3]), past_k, past_v).keys[0]
     at_10 = decoder.forward(np.array([5]), np.array([10]), past_k, past_v).keys[0]
     cos, sin = cos_sin(np.array([7]), hd, theta)

@@ -18,7 +18,7 @@ from inference.reference import reference_forward
 from inference.registry import DEFAULT_MODEL
 from inference.runtime import causal_bias
 from inference.weights import load_weights
-from tests.decoding import fim, greedy, start
+from tests.decoding import empty_past, fim, greedy, start
 from tests.fixtures import cpython_text
 
 pytestmark = pytest.mark.real_model
@@ -45,7 +45,7 @@ def test_greedy_tokens_match_numpy_reference_for_32_steps(real_model_fp32):
     decoder = real_model_fp32.decoder
     ids = _real_code_ids(real_model_fp32, 48)
     cache, logits = start(real_model_fp32, ids, room=32)
-    past_k, past_v = decoder.empty_past()
+    past_k, past_v = empty_past(decoder)
     n = len(ids)
     ref_logits, ref_k, ref_v = reference_forward(weights, config, np.array(ids)[:, None], np.ones((n, 1), np.float32),
                                                  np.arange(n), causal_bias(0, n), past_k, past_v, np.array([n - 1]))
