@@ -357,10 +357,11 @@ class BenchServer:
 
     @classmethod
     async def start(cls, mode: str, *, model: str, cache: Path | None, refresh: str, log: Any,
-                    settings: dict[str, Any] | None = None) -> BenchServer:
-        """`settings` replaces this benchmark's initializationOptions (an empty dict: the server's defaults)."""
+                    settings: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> BenchServer:
+        """`settings` replaces this benchmark's initializationOptions (an empty dict: the server's defaults);
+        `args` are more `superpie serve` options."""
         command = [sys.executable, "-m", "lsp_server.cli", *(["--cache-dir", str(cache)] if cache else []),
-                   "serve", "--model", model, "--no-persist", "--log-level", "warning"]
+                   "serve", "--model", model, "--no-persist", "--log-level", "warning", *args]
         client = await JsonRpcClient.start(command, stderr=log)
         server = cls(mode, client)
         if settings is None:

@@ -119,6 +119,7 @@ class Recycler:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.save(f, self.successors)
+        os.chmod(tmp, 0o600)  # it is learnt from the user's code, like the saved KV caches beside it
         os.replace(tmp, path)
 
     @classmethod

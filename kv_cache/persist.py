@@ -18,7 +18,11 @@ Disk is not the scarce resource here; the halved logit error is worth 13% more b
 A file is MAGIC, a length-prefixed JSON header (format version, model identity, codec, shape), an
 uncompressed .npz payload and the SHA-256 of everything before it, so corruption anywhere, truncation
 included, is caught before any byte is used. Any file that is not exactly what this model and version
-wrote loads as None.
+wrote loads as None, with a log line naming it and why.
+
+The files live in `buffers_dir(cache root)`, a 0700 directory, each 0600 (they hold an encoding of the user's
+source), written atomically. `prune` keeps the directory under a byte cap by deleting the least recently used
+files: a file's mtime is when it was last written or restored from.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import io
 import json
 import logging
 import os
+import re
+import stat
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -46,6 +53,10 @@ FORMAT_VERSION = 1
 KEY_ROWS = 32  # leading rows a file is found by: a reopened text whose start matches restores that prefix
 MAGIC = b"SPKV"
 SUFFIX = ".spkv"
+BUFFERS = "buffers"  # the directory under the cache root
+DEFAULT_MAX_MB = 512  # the cap on the directory's files (setting persistMaxMb)
+_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}" + re.escape(SUFFIX))  # what cache_path names a file
+_PRIVATE_DIR = 0o700
 _HEADER_LEN = struct.Struct("<I")
 _DIGEST_LEN = 32  # trailing SHA-256
 _FLOAT16_SAFE = 60000.0  # larger scales are stored as float32
@@ -84,6 +95,11 @@ def model_identity(model_dir: Path) -> str:
     return f"{meta['gguf_sha256']}-v{meta['converter_version']}-{meta['quantization']['name']}"
 
 
+def buffers_dir(cache_root: Path) -> Path:
+    """Where saved buffers live under a cache root (`superpie serve` writes there, `superpie cache` reads it)."""
+    return Path(cache_root) / BUFFERS
+
+
 def cache_path(directory: Path, model_id: str, ids: np.ndarray) -> Path:
     """The file for this model and this exact token-id sequence: `<lead>-<whole>.spkv`, where `lead` hashes the
     first KEY_ROWS ids (files that may share a prefix with a text share it) and `whole` all of them."""
@@ -91,7 +107,7 @@ def cache_path(directory: Path, model_id: str, ids: np.ndarray) -> Path:
 
 
 def candidates(directory: Path, model_id: str, ids: np.ndarray) -> list[Path]:
-    """Files whose first KEY_ROWS ids may equal those of `ids`, newest first."""
+    """Files whose first KEY_ROWS ids may equal those of `ids`, most recently written or restored first."""
     found = Path(directory).glob(f"{_lead(model_id, ids)}-*{SUFFIX}")
     return sorted(found, key=_mtime, reverse=True)
 
@@ -104,16 +120,85 @@ def _digest(model_id: str, ids: np.ndarray) -> str:
     return hashlib.sha256(model_id.encode() + b"\0" + np.asarray(ids, "<i8").tobytes()).hexdigest()
 
 
-def _mtime(path: Path) -> float:
+def _mtime(path: Path) -> int:
     try:
-        return path.stat().st_mtime
+        return path.stat().st_mtime_ns
     except OSError:
-        return 0.0
+        return 0
+
+
+def usage(directory: Path) -> tuple[int, int]:
+    """The number of saved buffers in `directory` and their bytes."""
+    sizes = [size for _, size, _ in _listing(directory)]
+    return len(sizes), sum(sizes)
+
+
+def touch(path: Path) -> None:
+    """Mark the file as just used, so `prune` keeps it longer (a restore reads it)."""
+    now = time.time_ns()  # explicit: the kernel's own "now" is coarse, and files written in a burst would tie
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError as exc:
+        log.info("cannot mark KV cache file %s as used: %s", path, exc)
+
+
+def prune(directory: Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently used saved buffers until those left take at most `max_bytes`; the deleted."""
+    files = sorted(_listing(directory), key=lambda entry: entry[2])  # oldest first
+    total = sum(size for _, size, _ in files)
+    deleted = []
+    for path, size, _ in files:
+        if total <= max_bytes:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted.append(path)
+    if deleted:
+        log.debug("deleted %d least recently used KV cache files from %s to stay within %d bytes", len(deleted),
+                  directory, max_bytes)
+    return deleted
+
+
+def clear(directory: Path) -> list[Path]:
+    """Delete every saved buffer in `directory`; the deleted."""
+    deleted = [path for path, _, _ in _listing(directory)]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
+
+
+def _listing(directory: Path) -> list[tuple[Path, int, int]]:
+    """(path, bytes, mtime in ns) of each saved buffer in `directory`, known by its name: other files there are
+    never counted or deleted. One deleted meanwhile (by another process) is left out."""
+    try:
+        paths = [p for p in Path(directory).iterdir() if _NAME.fullmatch(p.name)]
+    except FileNotFoundError:
+        return []
+    entries = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((path, info.st_size, info.st_mtime_ns))
+    return entries
+
+
+def private_dir(directory: Path) -> Path:
+    """`directory`, created 0700 if missing, or tightened to 0700 (with a log line) if others may read it."""
+    directory = Path(directory)
+    directory.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(directory.stat().st_mode)
+    if mode & 0o077:
+        directory.chmod(_PRIVATE_DIR)
+        log.warning("%s was open to other users (mode %03o); restricted it to %03o", directory, mode, _PRIVATE_DIR)
+    return directory
 
 
 def save(cache: BufferCache, directory: Path, model_id: str,
          schedule: LevelSchedule = DEFAULT_SCHEDULE) -> Path:
-    """Write the cache's rows to `directory` (atomically: temp file, then os.replace) and return the path."""
+    """Write the cache's rows to `directory` and return the path: atomically (a temp file beside it, then
+    os.replace), 0600 (mkstemp's mode) in a private directory, marked as just used."""
     cfg = cache.decoder.config
     levels = schedule.levels(cfg.n_layers)
     keys, values = cache.past()  # per layer [kv, n, hd]
@@ -133,8 +218,7 @@ def save(cache: BufferCache, directory: Path, model_id: str,
               "head_dim": cfg.head_dim, "levels": levels}
     head = json.dumps(header).encode()
     body = MAGIC + _HEADER_LEN.pack(len(head)) + head + payload
-    path = cache_path(directory, model_id, arrays["ids"])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = cache_path(private_dir(directory), model_id, arrays["ids"])
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -143,6 +227,7 @@ def save(cache: BufferCache, directory: Path, model_id: str,
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    touch(path)
     return path
 
 

@@ -1,7 +1,8 @@
 """The open documents' KV caches under one memory budget: least recently used ones go to disk, and come back.
 
 Only the cache in use (the most recently touched) keeps spare capacity for edits; idle caches are trimmed
-to their rows before anything is evicted, so the budget counts memory actually held.
+to their rows before anything is evicted, so the budget counts memory actually held. On disk, the saved files
+are kept under their own cap, least recently written or restored deleted first (kv_cache/persist.py).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class BufferStore:
     """BufferCaches by document URI, most recently used last."""
 
     def __init__(self, budget_mb: float, persist_dir: Path | None, model_id: str, *,
-                 decoder: Decoder | None = None) -> None:
-        """`decoder` runs restored caches; without one, the decoder of the first cache put is used."""
+                 decoder: Decoder | None = None, persist_max_mb: float = persist.DEFAULT_MAX_MB) -> None:
+        """`decoder` runs restored caches; without one, the decoder of the first cache put is used.
+        `persist_max_mb` caps the saved files in `persist_dir` (all models' files there count)."""
         self.decoder = decoder
         self.budget_bytes = int(budget_mb * 2**20)
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
+        self.persist_max_bytes = int(persist_max_mb * 2**20)
         self.model_id = model_id
         self._caches: OrderedDict[str, BufferCache] = OrderedDict()
         self._evictions = self._restores = 0
@@ -127,6 +130,7 @@ class BufferStore:
         cache = best.cache(best_rows)
         if cache is None:
             return None
+        persist.touch(best.path)
         self._restores += 1
         self.put(uri, cache)
         return cache
@@ -136,9 +140,21 @@ class BufferStore:
         return StoreStats(used, len(self._caches), tokens, used / tokens if tokens else 0.0, self._evictions,
                           self._restores, self._oversized)
 
+    def prune_disk(self) -> None:
+        """Delete the least recently used saved files until they fit `persist_max_bytes`."""
+        if self.persist_dir is not None:
+            persist.prune(self.persist_dir, self.persist_max_bytes)
+
     def _persist(self, cache: BufferCache) -> None:
-        if self.persist_dir is not None and len(cache):
+        """Save the rows, then keep the directory within its cap. A disk that fails (full, read-only) costs the
+        saved rows only: evicting and closing go on."""
+        if self.persist_dir is None or not len(cache):
+            return
+        try:
             persist.save(cache, self.persist_dir, self.model_id)
+            self.prune_disk()
+        except OSError as err:
+            log.warning("cannot save KV cache rows under %s: %s", self.persist_dir, err)
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

@@ -1,4 +1,4 @@
-"""The `superpie` command line: complete at a position, manage models, run benchmarks."""
+"""The `superpie` command line: complete at a position, manage models and saved buffers, run benchmarks."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL, MODELS, get_model
 from inference.runtime import ProviderUnavailable
 from inference.tokenizer import UnsupportedTokenizer
+from kv_cache import persist
 from lsp_server.completer import Completer
 from lsp_server.cursor import InputError, parse_location, read_source, split_at
+from lsp_server.engine_process import HANG_TIMEOUT_S
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
-BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold")  # each a module bench.<suite> with main(argv)
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation")  # each a module bench.<suite> with main(argv)
 # LSP language ids by file extension, for the syntax rules (an editor sends the id itself)
 LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
                 ".tsx": "typescriptreact", ".jsx": "javascriptreact", ".go": "go", ".rs": "rust", ".c": "c",
@@ -82,6 +84,23 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """The buffers `superpie serve` saves under the cache dir: how much they take, or delete them."""
+    directory = persist.buffers_dir(args.cache_dir or cache_root())
+    if args.action == "clear":
+        removed = persist.clear(directory)
+        for path in removed:
+            print(path)
+        print(f"removed {len(removed)} saved buffers from {directory}")
+        return 0
+    files, size = persist.usage(directory)
+    print(json.dumps({
+        "directory": str(directory), "files": files, "bytes": size,
+        "max_bytes": int(ServerOptions.persist_max_mb * 2**20),  # the default: an editor's persistMaxMb overrides it
+    }, indent=2))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`superpie bench SUITE [OPTIONS]` runs bench.SUITE's own command line (imported only now, so the
     product command never loads the benchmarks)."""
@@ -98,6 +117,16 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {value!r}")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from lsp_server.options import ServerOptions
     from lsp_server.server import serve
@@ -105,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cache = args.cache_dir or cache_root()
     options = ServerOptions(model=args.model, quantization=args.quantization, log_level=args.log_level)
     return serve(options, cache_dir=args.cache_dir, threads=args.threads, device=args.device, tcp=args.tcp,
-                 log_file=args.log_file, persist_dir=None if args.no_persist else cache / "buffers")
+                 log_file=args.log_file, persist_dir=None if args.no_persist else persist.buffers_dir(cache),
+                 hang_timeout_s=args.engine_timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantization", default=DEFAULT_QUANTIZATION, choices=sorted(QUANTIZATIONS))
     model.set_defaults(func=cmd_model)
 
+    cache = sub.add_parser("cache", help="show or delete the saved buffers (KV caches of closed files)")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.set_defaults(func=cmd_cache)
+
     serve = sub.add_parser("serve", help="run the language server (stdio, or --tcp HOST:PORT)")
     serve.add_argument("--tcp", type=_host_port, default=None, metavar="HOST:PORT",
                        help="listen on a TCP socket instead of stdio (for debugging)")
@@ -139,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--no-persist", action="store_true",
                        help="do not save closed or evicted buffers' caches under the cache dir")
+    serve.add_argument("--engine-timeout", type=_positive_seconds, default=HANG_TIMEOUT_S, metavar="SECONDS",
+                       help="restart the engine process when a job shows no progress for this long "
+                            f"(default {HANG_TIMEOUT_S:g}; a model load is exempt)")
     _model_options(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -22,6 +22,7 @@ from inference.speculative import TREE_NODES, Drafter, speculative_decode
 from inference.superposed import SuperposedSearch, beam_decode, sampled_decode, superposed_decode
 from inference.syntax.finish import finish
 from inference.syntax.stop import SyntaxStop
+from kv_cache import persist
 from kv_cache.buffer_cache import SPLICE_MODES
 from kv_cache.document import CursorContext, DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
@@ -83,11 +84,12 @@ class Completer:
 
     def __init__(self, model: LoadedModel, *, cache_mode: str = "pie", budget_mb: float = 1024,
                  refresh: str = "idle", refresh_threshold: int = 256, persist_dir: Path | None = None,
-                 window: WindowBudget = WindowBudget()) -> None:
+                 persist_max_mb: float = persist.DEFAULT_MAX_MB, window: WindowBudget = WindowBudget()) -> None:
         """`window`: the tokens each document's rows keep (bench/cold.py varies how many a cold request waits for)."""
         self.model = model
         self.window = window
-        self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder)
+        self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder,
+                                 persist_max_mb=persist_max_mb)
         self.docs: dict[str, DocumentCache] = {}
         self.languages: dict[str, str] = {}
         self.active: str | None = None  # the document last opened, edited or completed in: its idle work goes first
@@ -261,7 +263,7 @@ class Completer:
         """Keep the token-recycling table for the next start (the buffers persist on their own)."""
         path = self._recycler_path()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            persist.private_dir(path.parent)
             self.recycler.save(path)
 
     def _wants_refresh(self, doc: DocumentCache) -> bool:
@@ -273,7 +275,7 @@ class Completer:
     # -- settings and statistics -------------------------------------------------------------------------
 
     def configure(self, *, cache_mode: str | None = None, budget_mb: float | None = None,
-                  refresh: str | None = None) -> None:
+                  refresh: str | None = None, persist_max_mb: float | None = None) -> None:
         if cache_mode is not None:
             if cache_mode not in SPLICE_MODES:
                 raise ValueError(f"cache mode must be one of {', '.join(SPLICE_MODES)}, not {cache_mode!r}")
@@ -289,6 +291,11 @@ class Completer:
                 raise ValueError(f"memory budget must be positive, not {budget_mb}")
             self.store.budget_bytes = int(budget_mb * 2**20)
             self.store.evict_to_budget()
+        if persist_max_mb is not None:
+            if persist_max_mb <= 0:
+                raise ValueError(f"the cap on saved buffers must be positive, not {persist_max_mb}")
+            self.store.persist_max_bytes = int(persist_max_mb * 2**20)
+            self.store.prune_disk()
 
     def stats(self) -> dict[str, Any]:
         store = self.store.stats()
@@ -302,6 +309,7 @@ class Completer:
             "cache_bytes": store.bytes_used,
             "bytes_per_token": round(store.bytes_per_token, 1),
             "budget_bytes": self.store.budget_bytes,
+            "persist_max_bytes": self.store.persist_max_bytes,
             "evictions": store.evictions,
             "restores": store.restores,
             "stale_rows": sum(doc.stale_rows() for doc in self.docs.values()),

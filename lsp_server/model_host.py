@@ -1,17 +1,16 @@
-"""The model host: loads the model, owns the model-worker thread and the Completer that lives on it, and turns
-calls from the event loop into worker jobs. It tells the client what takes long (the load, a large first encode:
-$/progress) and what the user must fix (a model that does not load: window/showMessage)."""
+"""The model host: the server's side of the engine process (lsp_server/engine.py), which loads the model and
+owns the documents' KV caches and the decoding. It turns calls from the event loop into engine jobs, restarts
+an engine that is lost (crashed, killed or hung) and re-opens every document in it from the server's text, and
+tells the client what takes long (the load, a restart, a large first encode: $/progress) and what the user must
+fix (a model that does not load: window/showMessage)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,22 @@ from pygls.lsp.server import LanguageServer
 
 from inference.convert import MODEL_FILE, converted_dir
 from inference.fetch import cache_root, cached_gguf
-from inference.model_store import load_model
 from inference.quantize import get_quantization
 from inference.registry import MODELS
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions, CompletionOutcome
+from lsp_server.completer import CompletionOptions
+from lsp_server.engine import EngineConfig
+from lsp_server.engine_process import HANG_TIMEOUT_S, EngineJob, EngineProcess
 from lsp_server.options import ServerOptions
-from lsp_server.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
-LARGE_ENCODE_TOKENS = 256  # a window with this many tokens still to encode gets $/progress (seconds of idle work)
-PROGRESS_STEP = 10  # percent of a window's encoding between two progress reports
 CLIENT_REPLY_TIMEOUT_S = 5.0  # a client that never answers a server request must not stall the server
-REFRESH_MAX_STEPS = 100_000  # superpie.refresh gives up after this many worker steps (edits keep coming)
+REFRESH_MAX_STEPS = 100_000  # superpie.refresh gives up after this many engine steps (edits keep coming)
 MODEL_JOBS = ("complete", "refresh", "load")  # jobs that run the model for long: a hover does not queue behind them
 PREFETCH = "prefetch"  # the idle-priority job: it yields to any other, but a cache read would stop it
+MAX_LOSSES = 3  # engines lost in a row before a model became ready: then completions are off, with a message
+ENGINE_LOST = object()  # a load's result when its engine was lost before answering
 
 
 class ClientProgress:
@@ -58,14 +57,14 @@ class ClientProgress:
         progress.begin(token, types.WorkDoneProgressBegin(title=title, message=message))
         return token
 
-    async def report(self, token: asyncio.Future | Future, message: str) -> None:
-        value = await (asyncio.wrap_future(token) if isinstance(token, Future) else token)
+    async def report(self, token: asyncio.Future, message: str) -> None:
+        value = await token
         if value is not None:
             self._server.work_done_progress.report(value, types.WorkDoneProgressReport(message=message))
 
-    async def end(self, token: str | None | Future, message: str) -> None:
-        if isinstance(token, Future):
-            token = await asyncio.wrap_future(token)
+    async def end(self, token: str | None | asyncio.Future, message: str) -> None:
+        if isinstance(token, asyncio.Future):
+            token = await token
         if token is None:
             return
         progress = self._server.work_done_progress
@@ -74,41 +73,53 @@ class ClientProgress:
 
 
 class ModelHost:
-    """The model and its worker. `state` is "not loaded" until the first load is queued, then "loading", "ready"
-    or "failed"; `serial` counts the loads, so nothing computed by an older model is served."""
+    """The engine and what the server knows of it. `state` is "not loaded" until the first load is queued, then
+    "loading", "ready" or "failed"; `serial` counts the loads (a restart is one), so nothing computed by an older
+    model or engine is served. `snapshot` gives the settings and the documents (uri: (text, language id)) a
+    restarted engine re-opens."""
 
-    def __init__(self, server: LanguageServer, *, cache_dir: Path | None, threads: int | None, device: str,
-                 persist_dir: Path | None) -> None:
+    def __init__(self, server: LanguageServer, *, config: EngineConfig,
+                 snapshot: Callable[[], tuple[ServerOptions, dict[str, tuple[str, str]]]],
+                 hang_timeout_s: float = HANG_TIMEOUT_S) -> None:
         self._server = server
         self.progress = ClientProgress(server)
-        self.cache_dir, self.threads, self.device, self.persist_dir = cache_dir, threads, device, persist_dir
+        self.config, self.hang_timeout_s = config, hang_timeout_s
+        self._snapshot = snapshot
         self.state = "not loaded"
         self.error: str | None = None
         self.serial = 0
-        self.completer: Completer | None = None  # the worker thread's; never touched from the event loop
-        self.worker = ModelWorker(self._idle_step)
+        self.engine: EngineProcess | None = None  # started by the first load
+        self.restarts = 0
+        self.last_loss: str | None = None
+        self._losses = 0  # engines lost since a model was last ready
+        self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._load_queued = asyncio.Event()  # set once the first load is queued: earlier requests wait for it
-        self._encoding: dict[str, tuple[Future, int, int]] = {}  # uri: (progress token, tokens to do, percent shown)
+        self._encoding: dict[str, asyncio.Future] = {}  # uri: the progress token of its large encode
         self._background: set[asyncio.Task] = set()
 
     # -- loading -------------------------------------------------------------------------------------------
 
-    def start_load(self, options: ServerOptions, documents: dict[str, tuple[str, str]]) -> None:
+    def start_load(self, options: ServerOptions, documents: dict[str, tuple[str, str]], *,
+                   title: str = "superpie: loading model") -> None:
         """Queue a (re)load behind what is queued; `documents` (uri: (text, language id)) are re-opened from
         their text as of now, and the edits queued after the load apply on top."""
         self._loop = loop = asyncio.get_running_loop()
+        if self.engine is None:
+            self.engine = self._start_engine()
         self.serial += 1
         self.state, self.error = "loading", None
         name = f"{options.model} ({options.quantization})"
-        token = asyncio.ensure_future(self.progress.begin("superpie: loading model", name))
+        token = asyncio.ensure_future(self.progress.begin(title, name))
 
-        def report(message: str) -> None:  # from the worker thread
-            loop.call_soon_threadsafe(self._spawn, self.progress.report(token, message))
+        def report(message: str) -> None:  # from the engine's reader thread
+            _call_soon(loop, self._spawn, self.progress.report, token, message)
 
-        future = self.worker.submit(partial(self._load_job, options, documents, report), kind="load")
+        job = self.engine.submit("load", options, documents, _load_stage(options.model, options.quantization,
+                                                                         self.config.cache_dir),
+                                 kind="load", lost=ENGINE_LOST, on_report=report)
         self._load_queued.set()
-        self._spawn(self._finish_load(future, token, name, self.serial))
+        self._spawn(self._finish_load, job.future, token, name, self.serial)
 
     async def until_load_queued(self) -> None:
         await self._load_queued.wait()
@@ -117,209 +128,170 @@ class ModelHost:
         try:
             timings = await asyncio.wrap_future(future)
         except Exception as err:
-            await self.progress.end(await token, "failed")
+            await self.progress.end(token, "failed")
             if serial == self.serial:
-                self.state, self.error = "failed", f"{type(err).__name__}: {err}"
+                self.state, self.error = "failed", str(err)
             log.error("cannot load model %s: %s", name, err)
             self._server.window_show_message(types.ShowMessageParams(
                 types.MessageType.Error,
                 f"superpie cannot load the model {name}: {err}. Completions are off until the model setting "
                 f"(superpie.model / --model) names a model that loads."))
             return
+        if timings is ENGINE_LOST:
+            await self.progress.end(token, "the engine was lost")
+            return
         seconds = sum(timings.values())
-        await self.progress.end(await token, f"ready in {seconds:.1f} s")
+        await self.progress.end(token, f"ready in {seconds:.1f} s")
         if serial == self.serial:
-            self.state = "ready"
+            self.state, self._losses = "ready", 0
         log.info("model %s ready in %.1f s (%s)", name, seconds, timings)
 
-    def _load_job(self, options: ServerOptions, documents: dict[str, tuple[str, str]],
-                  report: Callable[[str], None]) -> dict[str, float]:
-        self.completer = None  # free the old model and its caches before loading the next one
-        report(_load_stage(options.model, options.quantization, self.cache_dir))
-        model = load_model(options.model, options.quantization, cache=self.cache_dir, progress=False,
-                           threads=self.threads, device=self.device)
-        completer = Completer(model, cache_mode=options.cache_mode, budget_mb=options.memory_budget_mb,
-                              refresh=options.refresh, persist_dir=self.persist_dir)
-        for uri, (text, language) in documents.items():
-            completer.open(uri, text, language)
-        self.completer = completer
-        return dict(model.timings)
+    def _start_engine(self) -> EngineProcess:
+        engine: EngineProcess | None = None
+        loop = self._loop
+
+        def on_exit(reason: str) -> None:  # the reader thread
+            _call_soon(loop, self._engine_lost, engine, reason)
+
+        def on_event(kind: str, *args: Any) -> None:
+            if kind == "encoding":
+                _call_soon(loop, self._encoding_event, *args)
+
+        engine = EngineProcess(self.config, hang_timeout_s=self.hang_timeout_s, on_event=on_event, on_exit=on_exit)
+        log.info("engine process %s started", engine.pid)
+        return engine
+
+    def _engine_lost(self, engine: EngineProcess, reason: str) -> None:
+        """A new engine, loaded with the current settings and the documents as the server has them; what the
+        old one had not answered was answered with empty results already."""
+        if engine is not self.engine or self._stopped:
+            return
+        self.restarts += 1
+        self._losses += 1
+        self.last_loss = reason
+        for uri in list(self._encoding):
+            self._encoding_event(uri, "end", "the engine was lost")
+        if self._losses > MAX_LOSSES:
+            self.engine = None
+            self.state = "failed"
+            self.error = f"the engine was lost {self._losses} times before a model was ready ({reason})"
+            log.error("%s; completions are off", self.error)
+            self._server.window_show_message(types.ShowMessageParams(
+                types.MessageType.Error, f"superpie: {self.error}. Completions are off until the server restarts."))
+            return
+        log.error("%s; starting a new engine and re-opening the documents", reason)
+        self.engine = self._start_engine()
+        options, documents = self._snapshot()
+        self.start_load(options, documents, title="superpie: restarting the engine")
 
     # -- jobs, submitted from the event loop -----------------------------------------------------------------
 
     def open(self, uri: str, text: str, language: str) -> None:
-        self._submit_background(partial(self._open_job, uri, text, language), "open", uri)
+        self._submit_background("open", uri, text, language)
 
-    def change(self, uri: str, edits: list[TextEdit], text_after: str, language: str) -> None:
-        self._submit_background(partial(self._change_job, uri, edits, text_after, language), "change", uri)
+    def change(self, uri: str, edits: list[TextEdit]) -> EngineJob:
+        """The job answers False if the engine needs the document's text again (see Engine._change)."""
+        return self._submit("change", uri, edits, kind="change", lost=True)
 
     def close(self, uri: str) -> None:
-        self._submit_background(partial(self._close_job, uri), "close", uri)
+        self._submit_background("close", uri)
 
-    def configure(self, cache_mode: str, budget_mb: float, refresh: str) -> None:
-        self._submit_background(partial(self._configure_job, cache_mode, budget_mb, refresh), "configure", None)
-        self.worker.wake_idle()
+    def configure(self, cache_mode: str, budget_mb: float, refresh: str, persist_max_mb: float) -> None:
+        self._submit_background("configure", cache_mode, budget_mb, refresh, persist_max_mb)
 
-    def complete(self, uri: str, offset: int, options: CompletionOptions, cancelled: Callable[[], bool],
-                 cancel: threading.Event) -> Future:
-        """The suggestions at `offset` of `uri` (a CompletionOutcome; None without a model or the document;
-        SKIPPED if `cancel` was set before the job started)."""
-        return self.worker.submit(partial(self._complete_job, uri, offset, options, cancelled),
-                                  kind="complete", cancel=cancel)
+    def set_log_level(self, level: str) -> None:
+        if self.engine is not None:
+            self.engine.send("log_level", level)
+
+    def complete(self, uri: str, offset: int, options: CompletionOptions) -> EngineJob:
+        """The suggestions at `offset` of `uri` (a CompletionOutcome; None without a model, the document or the
+        engine; SKIPPED if cancelled before the job started)."""
+        return self._submit("complete", uri, offset, options, kind="complete")
 
     def prefetch(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
-                 cancelled: Callable[[], bool], cancel: threading.Event, stop: Callable[[], None]) -> Future:
+                 on_yield: Callable[[], None]) -> EngineJob:
         """The suggestions at `offset + len(inserted)` as if `inserted` had been typed at `offset`, computed at idle
-        priority: any other job makes it `stop`."""
-        future = self.worker.submit_idle(partial(self._prefetch_job, uri, offset, inserted, options, cancelled),
-                                         kind=PREFETCH, cancel=cancel, stop=stop)
-        future.add_done_callback(partial(_log_failure, PREFETCH, uri))
-        return future
+        priority: any other job makes it yield (`on_yield` is then called on the event loop)."""
+        loop = self._loop
+        job = self._submit("prefetch", uri, offset, inserted, options, kind=PREFETCH, idle=True,
+                           on_yield=lambda: _call_soon(loop, on_yield))
+        job.future.add_done_callback(lambda future: _log_failure(PREFETCH, uri, future))
+        return job
 
     def can_compute_now(self) -> bool:
         """The model is loaded and no model job runs or waits (a prefetch would yield)."""
-        return self.state == "ready" and not self.worker.has_work(MODEL_JOBS)
+        return self.state == "ready" and self.engine is not None and not self.engine.has_work(MODEL_JOBS)
 
     def can_read_cache_now(self) -> bool:
         """As `can_compute_now`, and no prefetch runs or waits either (the read would stop it)."""
-        return self.state == "ready" and not self.worker.has_work((*MODEL_JOBS, PREFETCH))
+        return self.can_compute_now() and not self.engine.has_work((PREFETCH,))
 
     async def read_cache(self, uri: str | None, *, front: bool = False) -> tuple[dict[str, Any] | None, str | None]:
-        """The cache statistics and the digest of `uri`'s cached text, read on the worker (it owns the caches)."""
-        return await asyncio.wrap_future(self.worker.submit(partial(self._stats_job, uri), kind="stats", front=front))
+        """The cache statistics and the digest of `uri`'s cached text, read in the engine (it owns the caches)."""
+        job = self._submit("stats", uri, kind="stats", lost=(None, None), front=front)
+        return await asyncio.wrap_future(job.future)
 
     async def refresh_all(self) -> tuple[int, int | None]:
-        """Re-encode every stale cache row now, whatever the refresh policy, in worker-sized steps so edits and
+        """Re-encode every stale cache row now, whatever the refresh policy, in engine-sized steps so edits and
         requests interleave. The steps taken and the stale rows left."""
         steps = 0
         while self.state == "ready" and steps < REFRESH_MAX_STEPS:
-            more = await asyncio.wrap_future(self.worker.submit(self._forced_refresh_job, kind="refresh"))
+            more = await asyncio.wrap_future(self._submit("refresh", kind="refresh", lost=False).future)
             steps += 1
             if not more:
                 break
         cache = (await self.read_cache(None))[0] if self.state == "ready" else None
         return steps, (cache or {}).get("stale_rows")
 
-    async def stop(self) -> None:
-        """Stop the worker (what is queued is skipped), then keep the completer's state for the next start."""
-        await asyncio.to_thread(self.worker.stop)
-        if self.completer is not None:  # the worker has stopped: nothing else touches it now
-            await asyncio.to_thread(self.completer.save_state)
+    def stop(self) -> None:
+        """Tell the engine to finish (what is queued is skipped, the caches' state is saved); `join` waits."""
+        self._stopped = True
+        if self.engine is not None:
+            self.engine.stop()
+
+    def join(self) -> None:
+        """Wait for the engine to exit (at the server's exit, outside the event loop)."""
+        self.stop()
+        if self.engine is not None:
+            self.engine.join()
 
     def worker_stats(self) -> dict[str, Any]:
-        worker = self.worker
-        return {"queued": worker.queued, "running": worker.running_kind(), "jobs_done": worker.jobs_done,
-                "idle_seconds": round(worker.idle_seconds, 3)}
+        engine = self.engine
+        if engine is None:
+            return {"queued": 0, "running": None, "jobs_done": 0, "idle_seconds": 0.0}
+        return {"queued": engine.queued, "running": engine.running_kind(), "jobs_done": engine.jobs_done,
+                "idle_seconds": engine.idle_seconds}
 
-    def _submit_background(self, run: Callable[[], Any], kind: str, uri: str | None) -> None:
-        future = self.worker.submit(run, kind=kind)
-        future.add_done_callback(partial(_log_failure, kind, uri))
+    def engine_stats(self) -> dict[str, Any]:
+        engine = self.engine
+        return {"pid": engine.pid if engine else None, "rss_mb": engine.rss_mb() if engine else None,
+                "restarts": self.restarts, "last_loss": self.last_loss}
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
+    def _submit(self, name: str, *args: Any, kind: str, lost: Any = None, front: bool = False, idle: bool = False,
+                on_yield: Callable[[], None] | None = None) -> EngineJob:
+        if self.engine is None:  # no model yet, or completions are off: answered as if the engine were lost
+            job = EngineJob(0, kind, lost, lambda _: None)
+            job.resolve(lost)
+            return job
+        return self.engine.submit(name, *args, kind=kind, lost=lost, front=front, idle=idle, on_yield=on_yield)
+
+    def _submit_background(self, name: str, *args: Any) -> None:
+        job = self._submit(name, *args, kind=name)
+        job.future.add_done_callback(lambda future: _log_failure(name, args[0] if args else None, future))
+
+    def _spawn(self, coro_function: Callable[..., Any], *args: Any) -> None:
+        task = asyncio.ensure_future(coro_function(*args))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _threadsafe(self, coro) -> Future:
-        """Run `coro` on the event loop from the worker thread (only the loop writes to the client)."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
-
-    # -- the jobs (the model-worker thread) ----------------------------------------------------------------
-
-    def _open_job(self, uri: str, text: str, language: str) -> None:
-        if self.completer is not None:
-            self.completer.open(uri, text, language)
-
-    def _change_job(self, uri: str, edits: list[TextEdit], text_after: str, language: str) -> None:
-        completer = self.completer
-        if completer is None:
+    def _encoding_event(self, uri: str, phase: str, message: str) -> None:
+        """$/progress for a window the engine builds at idle: "begin", "report" (a percentage), "end"."""
+        if phase == "begin":
+            self._encoding[uri] = asyncio.ensure_future(self.progress.begin("superpie: encoding", message))
             return
-        if uri not in completer.docs:  # cannot happen in order; if it does, take the editor's text
-            completer.open(uri, text_after, language)
-            return
-        try:
-            completer.change(uri, edits)
-        except Exception:  # never leave the cache on a text the editor does not have
-            log.exception("%s: applying %d edit(s) failed; re-opening the document from its text", uri, len(edits))
-            completer.open(uri, text_after, language)
-
-    def _close_job(self, uri: str) -> None:
-        if self.completer is not None:
-            self.completer.close(uri)
-
-    def _complete_job(self, uri: str, offset: int, options: CompletionOptions,
-                      cancelled: Callable[[], bool]) -> CompletionOutcome | None:
-        completer = self.completer
-        if completer is None or uri not in completer.docs:
-            return None
-        return completer.complete(uri, offset, options, cancelled)
-
-    def _prefetch_job(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
-                      cancelled: Callable[[], bool]) -> CompletionOutcome | None:
-        completer = self.completer
-        if completer is None or uri not in completer.docs:
-            return None
-        return completer.complete_after(uri, offset, inserted, options, cancelled)
-
-    def _configure_job(self, cache_mode: str, budget_mb: float, refresh: str) -> None:
-        if self.completer is not None:
-            self.completer.configure(cache_mode=cache_mode, budget_mb=budget_mb, refresh=refresh)
-
-    def _stats_job(self, uri: str | None) -> tuple[dict[str, Any] | None, str | None]:
-        completer = self.completer
-        if completer is None:
-            return None, None
-        digest = text_digest(completer.text(uri)) if uri is not None and uri in completer.docs else None
-        return completer.stats(), digest
-
-    def _forced_refresh_job(self) -> bool:
-        completer = self.completer
-        if completer is None:
-            return False
-        policy = completer.refresh
-        completer.configure(refresh="idle")
-        try:
-            return completer.refresh_step()
-        finally:
-            completer.configure(refresh=policy)
-
-    def _idle_step(self) -> bool:
-        completer = self.completer
-        if completer is None:
-            return False
-        more = completer.refresh_step()
-        self._report_encoding(completer)
-        return more
-
-    def _report_encoding(self, completer: Completer) -> None:
-        """$/progress for the windows idle steps are building: begun once LARGE_ENCODE_TOKENS are to do, reported
-        every PROGRESS_STEP percent, ended when the window is built (or its document closed)."""
-        for uri in [u for u in self._encoding if u not in completer.docs]:
-            self._threadsafe(self.progress.end(self._encoding.pop(uri)[0], "closed"))
-        for uri, doc in completer.docs.items():
-            pending = doc.pending_tokens()
-            entry = self._encoding.get(uri)
-            if entry is None:
-                if pending >= LARGE_ENCODE_TOKENS:
-                    message = f"{uri.rsplit('/', 1)[-1]}: {pending} tokens"
-                    self._encoding[uri] = (self._threadsafe(self.progress.begin("superpie: encoding", message)),
-                                           pending, 0)
-                continue
-            token, total, shown = entry
-            if pending == 0:
-                del self._encoding[uri]
-                self._threadsafe(self.progress.end(token, "done"))
-                continue
-            percent = 100 * max(0, total - pending) // total
-            if percent >= shown + PROGRESS_STEP:
-                self._encoding[uri] = (token, total, percent)
-                self._threadsafe(self.progress.report(token, f"{percent}%"))
-
-
-def text_digest(text: str) -> str:
-    """What two copies of a document are compared by: the server's, the cache's, a prefetch's."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        token = self._encoding.get(uri) if phase == "report" else self._encoding.pop(uri, None)
+        if token is not None:
+            self._spawn(self.progress.report if phase == "report" else self.progress.end, token, message)
 
 
 def _load_stage(model: str, quantization: str, cache: Path | None) -> str:
@@ -333,6 +305,14 @@ def _load_stage(model: str, quantization: str, cache: Path | None) -> str:
     if not (converted_dir(cache, spec.gguf_sha256, get_quantization(quantization)) / MODEL_FILE).exists():
         return "converting to ONNX (once)"
     return f"loading {model}"
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    """Run `callback` on the event loop, from the engine's reader thread; once the loop is closed, nothing waits."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _log_failure(kind: str, uri: str | None, future: Future) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
+from kv_cache import persist
 from kv_cache.buffer_cache import SPLICE_MODES
 from lsp_server.completer import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CompletionOptions
 
@@ -35,6 +36,7 @@ class ServerOptions:
     layout: str = "auto"  # "auto" | "fim" | "prefix": whether the prompt includes the text after the cursor
     cache_mode: str = "pie"  # "pie" | "conflict-fast" | "full"
     memory_budget_mb: float = 1024.0
+    persist_max_mb: float = float(persist.DEFAULT_MAX_MB)  # saved buffers on disk, least recently used deleted first
     refresh: str = "idle"  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
     prefetch: bool = True  # while the model is idle, compute the suggestion that follows accepting the shown one
     log_level: str = "info"
@@ -112,6 +114,7 @@ _CHECKS = {
     "layout": _choice(LAYOUTS),
     "cache_mode": _choice(SPLICE_MODES),
     "memory_budget_mb": _positive_number(1 << 20),
+    "persist_max_mb": _positive_number(1 << 20),
     "refresh": _choice(REFRESH_POLICIES),
     "prefetch": _flag,
     "log_level": _choice(LOG_LEVELS),

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -67,8 +68,36 @@ def _valid_id(value: Any) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
+class _ClientWriter:
+    """The client's stdin as pygls writes to it. An editor that quits may close it before reading the answer to
+    `shutdown`: that is the end of the session, logged once, not a traceback per message still to send."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self.gone = False
+
+    def write(self, data: bytes) -> Any:
+        if self.gone:
+            return None
+        try:
+            return self._writer.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.gone = True
+            log.info("the client closed the connection; nothing more is sent")
+            return None
+
+    def close(self) -> Any:
+        try:
+            return self._writer.close()
+        except OSError:  # already closed by the client
+            return None
+
+
 class SuperpieProtocol(LanguageServerProtocol):
     _server: SuperpieServer
+
+    def set_writer(self, writer: Any, include_headers: bool = True) -> None:
+        super().set_writer(_ClientWriter(writer), include_headers)
 
     # -- no future outlives its handler --------------------------------------------------------------------
 

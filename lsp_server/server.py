@@ -28,8 +28,10 @@ from pygls.exceptions import JsonRpcInvalidParams, JsonRpcMethodNotFound
 from pygls.lsp.server import LanguageServer
 
 from kv_cache.edits import TextEdit
+from lsp_server.engine import EngineConfig, text_digest
+from lsp_server.engine_process import HANG_TIMEOUT_S, rss_mb
 from lsp_server.log_setup import apply_log_level, configure_logging
-from lsp_server.model_host import CLIENT_REPLY_TIMEOUT_S, ModelHost, text_digest
+from lsp_server.model_host import CLIENT_REPLY_TIMEOUT_S, ModelHost
 from lsp_server.options import SECTION, ServerOptions, parse_options, to_wire
 from lsp_server.positions import UTF16, PositionError, choose_encoding, offset_at, position_at, range_to_edit
 from lsp_server.protocol import SuperpieProtocol
@@ -50,7 +52,8 @@ _NO_ANSWER = object()  # a server-to-client request that failed or timed out
 
 class SuperpieServer(LanguageServer):
     def __init__(self, base_options: ServerOptions = ServerOptions(), *, cache_dir: Path | None = None,
-                 threads: int | None = None, device: str = "cpu", persist_dir: Path | None = None) -> None:
+                 threads: int | None = None, device: str = "cpu", persist_dir: Path | None = None,
+                 hang_timeout_s: float = HANG_TIMEOUT_S) -> None:
         super().__init__("superpie", VERSION, protocol_cls=SuperpieProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.base_options = base_options  # defaults + command line
@@ -59,7 +62,8 @@ class SuperpieServer(LanguageServer):
         self.client_caps = types.ClientCapabilities()
         self.init_raw: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the log handler's way to the client
-        self.host = ModelHost(self, cache_dir=cache_dir, threads=threads, device=device, persist_dir=persist_dir)
+        config = EngineConfig(cache_dir, threads, device, persist_dir, base_options.log_level)
+        self.host = ModelHost(self, config=config, snapshot=self._engine_snapshot, hang_timeout_s=hang_timeout_s)
         self.session = Session(self.host)
         self.latencies_ms: dict[str, deque[float]] = {}
         self._initialized = False
@@ -114,6 +118,7 @@ class SuperpieServer(LanguageServer):
         self.init_raw = params.initialization_options
         self.options, self._startup_warnings = parse_options(self.init_raw, self.base_options)
         apply_log_level(self.options.log_level)
+        self.host.set_log_level(self.options.log_level)
         log.info("superpie %s: positions in %s, settings %s", VERSION, self.position_encoding, to_wire(self.options))
 
     async def on_initialized(self, params: types.InitializedParams) -> None:
@@ -130,9 +135,15 @@ class SuperpieServer(LanguageServer):
                 self._apply_settings(raw, reload=False)
         self.host.start_load(self.options, self.session.snapshot())
 
-    async def on_shutdown(self, params: None) -> None:
+    def on_shutdown(self, params: None) -> None:
+        """Stop what runs and tell the engine to save and exit; `serve` waits for it after the event loop ends
+        (an editor that quits right after the answer must not cut a wait short)."""
         self.session.cancel_all()
-        await self.host.stop()
+        self.host.stop()
+
+    def _engine_snapshot(self) -> tuple[ServerOptions, dict[str, tuple[str, str]]]:
+        """What a restarted engine loads: the settings and the documents as the editor has them."""
+        return self.options, self.session.snapshot()
 
     # -- text sync -----------------------------------------------------------------------------------------
 
@@ -146,9 +157,19 @@ class SuperpieServer(LanguageServer):
         if doc is None:
             log.warning("didChange for %s, which is not open: ignored", uri)
             return
+        changes = params.content_changes
+        version = params.text_document.version
+        if version < doc.version:
+            whole = [i for i, c in enumerate(changes) if isinstance(c, types.TextDocumentContentChangeWholeDocument)]
+            if not whole:
+                log.warning("%s: a change for version %s, older than version %s, ignored", uri, version, doc.version)
+                return
+            log.warning("%s: a change for version %s after version %s; its full text resyncs the document", uri,
+                        version, doc.version)
+            changes = changes[whole[-1]:]
         edits = []
         text = doc.text
-        for change in params.content_changes:
+        for change in changes:
             if isinstance(change, types.TextDocumentContentChangeWholeDocument):
                 edit = TextEdit(0, len(text), change.text)
             else:
@@ -265,13 +286,14 @@ class SuperpieServer(LanguageServer):
             self._settings_warning(warnings)
         old, self.options = self.options, new
         apply_log_level(new.log_level)
+        self.host.set_log_level(new.log_level)
         if new != old:
             log.info("settings: %s", to_wire(new))
         if reload and new.model_identity() != old.model_identity():
             self.host.start_load(new, self.session.snapshot())
             return
-        cache_settings = (new.cache_mode, new.memory_budget_mb, new.refresh)
-        if cache_settings != (old.cache_mode, old.memory_budget_mb, old.refresh):
+        cache_settings = (new.cache_mode, new.memory_budget_mb, new.refresh, new.persist_max_mb)
+        if cache_settings != (old.cache_mode, old.memory_budget_mb, old.refresh, old.persist_max_mb):
             self.host.configure(*cache_settings)
 
     def _client_pulls_configuration(self) -> bool:
@@ -326,6 +348,8 @@ class SuperpieServer(LanguageServer):
             latency[kind] = {"n": len(ordered), "p50_ms": round(ordered[len(ordered) // 2], 2),
                              "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 2)}
         session = self.session.stats()
+        engine = self.host.engine_stats()
+        server_rss = rss_mb() or 0.0
         return {
             "version": VERSION,
             "position_encoding": self.position_encoding,
@@ -337,9 +361,11 @@ class SuperpieServer(LanguageServer):
             "counters": session["counters"],
             "latency": latency,
             "worker": {**self.host.worker_stats(), "decoding": session["decoding"]},
+            "engine": engine,
             "prefetch": session["prefetch"],
             "pending_futures": len(self.protocol._request_futures),
-            "rss_mb": rss_mb(),
+            "rss_mb": round(server_rss + (engine["rss_mb"] or 0), 1),  # the server's and the engine's
+            "server_rss_mb": server_rss,
         }
 
 
@@ -355,27 +381,18 @@ def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def rss_mb() -> float | None:
-    """Resident memory of this process (Linux), for the stats and the burst test."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 def serve(base_options: ServerOptions, *, cache_dir: Path | None, threads: int | None, device: str,
           tcp: tuple[str, int] | None = None, log_file: Path | None = None,
-          persist_dir: Path | None = None) -> int:
-    """Run the server until the client exits it (stdio) or disconnects (TCP)."""
+          persist_dir: Path | None = None, hang_timeout_s: float = HANG_TIMEOUT_S) -> int:
+    """Run the server until the client exits it (stdio) or disconnects (TCP), then let the engine save and exit."""
     server = SuperpieServer(base_options, cache_dir=cache_dir, threads=threads, device=device,
-                            persist_dir=persist_dir)
+                            persist_dir=persist_dir, hang_timeout_s=hang_timeout_s)
     configure_logging(server, log_file, base_options.log_level)
-    if tcp is not None:
-        server.start_tcp(*tcp)
-    else:
-        server.start_io()
+    try:
+        if tcp is not None:
+            server.start_tcp(*tcp)
+        else:
+            server.start_io()
+    finally:
+        server.host.join()
     return 0

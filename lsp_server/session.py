@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import Counter
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -22,7 +21,9 @@ from pygls.exceptions import JsonRpcContentModified, JsonRpcInvalidParams
 
 from kv_cache.edits import TextEdit
 from lsp_server.completer import CompletionOptions, CompletionOutcome, Suggestion
-from lsp_server.model_host import ModelHost, text_digest
+from lsp_server.engine import text_digest
+from lsp_server.engine_process import EngineJob
+from lsp_server.model_host import ModelHost
 from lsp_server.positions import same_line
 from lsp_server.suggestions import ShownSuggestions
 from lsp_server.worker import SKIPPED
@@ -44,21 +45,21 @@ class Generation:
     any other job stops a prefetch."""
 
     version: int
-    cancel: threading.Event = field(default_factory=threading.Event)
-    steps: int = 0  # cancel checks so far: one before decoding, then one per step (superpie.stats shows it)
+    job: EngineJob | None = None
     stopped_at: int | None = None  # `steps` when it was told to stop
 
-    def cancelled(self) -> bool:
-        """The decoder's check before each step (on the worker thread)."""
-        self.steps += 1
-        return self.cancel.is_set()
+    @property
+    def steps(self) -> int:
+        """Cancel checks in the engine so far: one before decoding, then one per step (superpie.stats shows it)."""
+        return self.job.steps if self.job is not None else 0
 
     def stop(self) -> bool:
-        """Stop at the next check; False if it had been told already."""
-        if self.cancel.is_set():
+        """Stop at the engine's next check; False if it had been told already."""
+        if self.stopped_at is not None:
             return False
         self.stopped_at = self.steps
-        self.cancel.set()
+        if self.job is not None:
+            self.job.cancel()
         return True
 
 
@@ -117,6 +118,13 @@ class Session:
         self.shown.pop(uri, None)
         self.host.open(uri, text, language_id)
 
+    def _resync(self, uri: str) -> None:
+        """The engine lost track of `uri` (an edit failed there): it gets the document's text again."""
+        doc = self.documents.get(uri)
+        if doc is not None:
+            log.warning("%s: re-opening the document in the engine from the server's text", uri)
+            self.host.open(uri, doc.text, doc.language_id)
+
     def change(self, doc: Document, version: int, edits: list[TextEdit], text_after: str) -> None:
         """`edits` (code points, in order) took `doc` to `text_after` at `version`."""
         self._cancel_generation(doc.uri)
@@ -125,7 +133,18 @@ class Session:
         doc.version = version
         if edits:
             doc.text = text_after
-            self.host.change(doc.uri, edits, text_after, doc.language_id)
+            job = self.host.change(doc.uri, edits)
+            job.future.add_done_callback(partial(self._after_change, asyncio.get_running_loop(), doc.uri))
+
+    def _after_change(self, loop: asyncio.AbstractEventLoop, uri: str, future: Future) -> None:
+        """An edit's answer from the engine (its reader thread): False asks for the document's text again."""
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.error("%s: an edit failed in the engine: %s", uri, future.exception())
+            loop.call_soon_threadsafe(self._resync, uri)
+        elif future.result() is False:
+            loop.call_soon_threadsafe(self._resync, uri)
 
     def close(self, uri: str) -> None:
         self._cancel_generation(uri)
@@ -199,9 +218,9 @@ class Session:
         if self.host.state == "failed":
             return []
         self._cancel_generation(doc.uri, superseded=True)
-        gen = Generation(version)
+        gen = Generation(version, self.host.complete(doc.uri, offset, options))
         self.inflight[doc.uri] = gen
-        future = self.host.complete(doc.uri, offset, options, gen.cancelled, gen.cancel)
+        future = gen.job.future
         try:
             outcome = await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # $/cancelRequest: stop the decode at its next step
@@ -244,10 +263,8 @@ class Session:
             return  # typing through the suggestion leads to the same text
         self._drop_prefetch()
         gen = Generation(doc.version)
-        prefetch = Prefetch(doc.uri, length, digest, cursor, options, self.host.serial, gen)
-        prefetch.future = self.host.prefetch(doc.uri, offset, best.text, options, gen.cancelled, gen.cancel,
-                                             partial(self._yield_prefetch, gen))
-        self.prefetch = prefetch
+        gen.job = self.host.prefetch(doc.uri, offset, best.text, options, partial(self._yield_prefetch, gen))
+        self.prefetch = Prefetch(doc.uri, length, digest, cursor, options, self.host.serial, gen, gen.job.future)
 
     def _prefetched(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion] | None:
         """The prefetched suggestions if `doc` and `offset` are what they were computed for."""

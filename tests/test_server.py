@@ -476,6 +476,31 @@ async def test_versions_are_tracked(client):
     assert (await stats(client))["server"]["versions"][doc.uri] == 6
 
 
+def _send_change(doc: Doc, version: int, change: types.TextDocumentContentChangeEvent) -> None:
+    doc.client.text_document_did_change(types.DidChangeTextDocumentParams(
+        types.VersionedTextDocumentIdentifier(version=version, uri=doc.uri), [change]))
+
+
+async def test_a_change_older_than_the_document_is_ignored(client):
+    doc = Doc(client, "file:///stale-version.py", "a = 1\n")
+    doc.edit(0, 0, "# one\n")
+    doc.edit(0, 0, "# two\n")  # version 3
+    _send_change(doc, 2, types.TextDocumentContentChangePartial(
+        range=types.Range(doc.pos(0), doc.pos(0)), text="# late\n"))
+    await doc.assert_in_sync()  # neither the text nor the version moved back
+    assert (await live_stats(client))["server"]["versions"][doc.uri] == 3
+
+
+async def test_a_full_text_change_resyncs_whatever_its_version(client):
+    doc = Doc(client, "file:///stale-full.py", "a = 1\n")
+    doc.edit(0, 0, "# one\n")
+    doc.edit(0, 0, "# two\n")  # version 3
+    doc.text = "b = 2\n"  # the editor's text, sent whole with an older version
+    _send_change(doc, 2, types.TextDocumentContentChangeWholeDocument(text=doc.text))
+    doc.version = 2
+    await doc.assert_in_sync()
+
+
 async def test_notifications_leave_no_future_behind(client):
     """pygls 2.1.1 kept one future per notification with a generator or async handler in `_request_futures`
     (+200 after 200 didChange). Text sync and configuration changes both go through such handlers."""
@@ -677,11 +702,12 @@ async def test_configuration_changes_are_pulled_and_applied(tiny_gguf, tiny_cach
     client = await start_server(tiny_gguf, tiny_cache, configuration={"maxTokens": 5})
     try:
         assert (await stats(client))["server"]["settings"]["maxTokens"] == 5  # pulled at start-up
-        client.set_configuration({"maxTokens": 9, "refresh": "off", "memoryBudgetMb": 64, "logLevel": "debug"},
-                                 section="superpie")
+        client.set_configuration({"maxTokens": 9, "refresh": "off", "memoryBudgetMb": 64, "persistMaxMb": 8,
+                                  "logLevel": "debug"}, section="superpie")
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
         result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 9)
         assert result["cache"]["refresh"] == "off" and result["cache"]["budget_bytes"] == 64 * 2**20
+        assert result["cache"]["persist_max_bytes"] == 8 * 2**20
         client.set_configuration({"scope": "sideways"}, section="superpie")
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
         result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 64)

@@ -155,8 +155,18 @@ def test_draft_method_is_a_checked_setting_that_reaches_each_request():
     assert options.draft_method == ServerOptions().draft_method and "draftMethod" in warnings[0]
 
 
+@pytest.mark.parametrize("bad", [0, -5, "big", True, float("inf"), 2.0**30])
+def test_persist_max_mb_is_a_checked_setting(bad):
+    options, warnings = parse_options({"persistMaxMb": 64})
+    assert (options.persist_max_mb, warnings) == (64.0, [])
+    options, warnings = parse_options({"persistMaxMb": bad})
+    assert options.persist_max_mb == ServerOptions().persist_max_mb
+    assert len(warnings) == 1 and "persistMaxMb" in warnings[0]
+
+
 def test_wire_names_round_trip():
-    options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug", draft_method="sampled")
+    options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug", draft_method="sampled",
+                            persist_max_mb=32.0)
     assert parse_options(to_wire(options)) == (options, [])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import logging
+import stat
 import time
 import weakref
 from pathlib import Path
@@ -135,6 +137,51 @@ def test_save_leaves_no_temporary_files(saved):
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_saved_files_are_0600_in_a_0700_directory(cache, tmp_path, model_id):
+    path = persist.save(cache, tmp_path / "cache" / "buffers", model_id)
+    assert _mode(path) == 0o600 and _mode(path.parent) == 0o700
+
+
+def test_a_directory_open_to_others_is_tightened_with_a_log_line(cache, tmp_path, model_id, caplog):
+    directory = tmp_path / "buffers"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)  # whatever the umask
+    with caplog.at_level(logging.INFO, logger=persist.__name__):
+        persist.save(cache, directory, model_id)
+    assert _mode(directory) == 0o700
+    assert any(str(directory) in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    ("corrupt", "checksum"),
+    ("truncated", "checksum"),
+    ("other model", "model_id"),
+    ("other format version", "format_version"),
+    ("not ours", "not a superpie"),
+])
+def test_a_damaged_or_foreign_file_is_skipped_with_a_log_line_naming_it_and_why(saved, tiny_model, model_id,
+                                                                                monkeypatch, caplog, damage,
+                                                                                reason):
+    data = saved.read_bytes()
+    if damage == "corrupt":
+        saved.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncated":
+        saved.write_bytes(data[:len(data) // 2])
+    elif damage == "other model":
+        model_id += "-other"
+    elif damage == "other format version":
+        monkeypatch.setattr(persist, "FORMAT_VERSION", persist.FORMAT_VERSION + 1)
+    else:
+        saved.write_text("def f():\n    return 1\n")
+    with caplog.at_level(logging.INFO, logger=persist.__name__):
+        assert persist.load(saved, tiny_model.decoder, model_id) is None
+    assert any(str(saved) in r.getMessage() and reason in r.getMessage() for r in caplog.records), caplog.text
+
+
 # -- store ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -265,6 +312,69 @@ def test_new_store_restores_what_an_earlier_one_closed(encoded, documents, tmp_p
     assert later.restore(uri, documents[uri]) is not None
     assert BufferStore(100, tmp_path, model_id + "-other", decoder=tiny_model.decoder).restore(
         uri, documents[uri]) is None
+
+
+def test_restore_skips_a_damaged_file_for_an_older_one_that_starts_alike(encoded, documents, tmp_path, model_id,
+                                                                         tiny_model, caplog):
+    first = next(iter(encoded))
+    older = documents[first]
+    newer = older[:100] + [(older[100] + 1) % 100] + older[101:]
+    store = BufferStore(100, tmp_path, model_id, decoder=tiny_model.decoder)
+    store.put(first, _copy(encoded[first]))
+    store.close(first)
+    store.put(first, _encoded(tiny_model, newer))
+    store.close(first)
+    damaged = persist.cache_path(tmp_path, model_id, newer)
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    with caplog.at_level(logging.INFO, logger=persist.__name__):
+        restored = store.restore(first, newer)
+    assert restored is not None and len(restored) == 100  # the older file's rows up to where the texts differ
+    assert any(str(damaged) in r.getMessage() for r in caplog.records)
+
+
+def _file_size(cache: BufferCache, directory: Path, model_id: str) -> int:
+    return persist.save(cache, directory, model_id).stat().st_size
+
+
+def test_a_restored_file_is_kept_over_an_older_unused_one(encoded, documents, tmp_path, model_id, tiny_model):
+    """Three files do not fit under the cap: writing the third deletes the least recently used, and the
+    restore made the oldest file the more recently used of the first two."""
+    a, b, c = list(encoded)[:3]
+    cap = sum(_file_size(encoded[u], tmp_path / "sizes", model_id) for u in (a, b, c)) - 1
+    directory = tmp_path / "buffers"
+    store = BufferStore(100, directory, model_id, decoder=tiny_model.decoder, persist_max_mb=cap / 2**20)
+    for uri in (a, b):
+        store.put(uri, _copy(encoded[uri]))
+        store.close(uri)
+    assert store.restore(a, documents[a]) is not None
+    store.drop(a)  # not saved again: only the restore marks it as used
+    store.put(c, _copy(encoded[c]))
+    store.close(c)
+    kept = {p.name for p in directory.glob("*.spkv")}
+    assert kept == {persist.cache_path(directory, model_id, documents[u]).name for u in (a, c)}
+
+
+def test_evicted_files_stay_within_the_cap(encoded, tmp_path, model_id):
+    one = max(_file_size(cache, tmp_path / "sizes", model_id) for cache in encoded.values())
+    directory = tmp_path / "buffers"
+    store = _store_for_three(encoded, directory, model_id)
+    store.persist_max_bytes = 2 * one
+    for uri, cache in encoded.items():
+        store.put(uri, _copy(cache))
+        assert sum(p.stat().st_size for p in directory.glob("*.spkv")) <= 2 * one
+    assert store.stats().evictions == 3 and len(list(directory.glob("*.spkv"))) == 2
+
+
+def test_a_disk_that_refuses_the_file_costs_only_the_saved_rows(encoded, tmp_path, model_id, caplog):
+    uri = next(iter(encoded))
+    not_a_directory = tmp_path / "buffers"
+    not_a_directory.write_text("")
+    store = BufferStore(100, not_a_directory, model_id)
+    store.put(uri, _copy(encoded[uri]))
+    with caplog.at_level(logging.WARNING, logger="kv_cache.store"):
+        store.close(uri)
+    assert uri not in store and store.bytes_used == 0
+    assert any(str(not_a_directory) in r.getMessage() for r in caplog.records)
 
 
 def test_store_without_persist_dir_drops_evicted(encoded, documents, model_id):

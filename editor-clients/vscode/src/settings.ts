@@ -19,6 +19,7 @@ export const SERVER_OPTION_KEYS = [
     'layout',
     'cacheMode',
     'memoryBudgetMb',
+    'persistMaxMb',
     'refresh',
     'prefetch',
     'logLevel',
