@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import pickle
 import signal
@@ -35,6 +34,7 @@ from typing import Any
 from bench.engine import machine_info, write_json
 from bench.lsp import LspError, OpenDocument, lsp_position
 from inference.registry import DEFAULT_MODEL
+from lsp_server.engine import text_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).parent / "results" / "isolation.json"
@@ -51,10 +51,6 @@ def _quantile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _cursor_in_body(text: str, fraction: float) -> int:
@@ -149,7 +145,7 @@ class Served:
         while time.monotonic() < deadline:
             document = (await self.stats(doc.uri))["document"]
             if document["cache_sha256"] is not None:
-                return document["sha256"] == document["cache_sha256"] == _digest(doc.text)
+                return document["sha256"] == document["cache_sha256"] == text_digest(doc.text)
             await asyncio.sleep(0.05)
         return False
 

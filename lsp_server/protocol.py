@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future

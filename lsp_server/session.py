@@ -74,8 +74,11 @@ class Prefetch:
     offset: int
     options: CompletionOptions
     serial: int
-    generation: Generation
-    future: Future | None = None
+    generation: Generation  # its job is the prefetch's
+
+    @property
+    def future(self) -> Future:
+        return self.generation.job.future
 
     def serves(self, options: CompletionOptions, serial: int) -> bool:
         """Computed by this model with these options, and at least as many drafts (as typed-through answers)."""
@@ -84,14 +87,14 @@ class Prefetch:
 
     def outcome(self) -> CompletionOutcome | None:
         """The finished result; None while it runs, or if it failed, yielded or found no document."""
-        if self.future is None or not self.future.done() or self.future.exception() is not None:
+        if not self.future.done() or self.future.exception() is not None:
             return None
         outcome = self.future.result()
         return None if outcome is SKIPPED or outcome is None or outcome.cancelled else outcome
 
     def state(self) -> str:
         future = self.future
-        if future is None or not future.done():
+        if not future.done():
             return "running" if self.generation.steps else "queued"
         if future.exception() is not None:
             return "failed"
@@ -264,7 +267,7 @@ class Session:
         self._drop_prefetch()
         gen = Generation(doc.version)
         gen.job = self.host.prefetch(doc.uri, offset, best.text, options, partial(self._yield_prefetch, gen))
-        self.prefetch = Prefetch(doc.uri, length, digest, cursor, options, self.host.serial, gen, gen.job.future)
+        self.prefetch = Prefetch(doc.uri, length, digest, cursor, options, self.host.serial, gen)
 
     def _prefetched(self, doc: Document, offset: int, options: CompletionOptions) -> list[Suggestion] | None:
         """The prefetched suggestions if `doc` and `offset` are what they were computed for."""

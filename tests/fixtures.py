@@ -36,3 +36,12 @@ def never_ending(tokenizer: CodeTokenizer) -> CodeTokenizer:
     endless = copy.copy(tokenizer)
     endless.specials = dataclasses.replace(tokenizer.specials, stop=frozenset())
     return endless
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie that its parent has not reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -17,6 +17,7 @@ from lsprotocol import types
 from pytest_lsp import LanguageClient
 
 from tests import test_server
+from tests.fixtures import process_alive
 from tests.test_server import Doc, live_stats, start_server, stats, stop_server, until_decoding
 
 answered = test_server.answered  # fixtures
@@ -42,15 +43,6 @@ def engine_pid(server_stats: dict[str, Any]) -> int:
     pid = server_stats["engine"]["pid"]
     assert isinstance(pid, int) and pid != os.getpid()
     return pid
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie that its parent has not reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -84,7 +76,7 @@ async def _fault_mid_decode(client: LanguageClient, long_prompt: str, answered: 
     assert result is not None and len(result.items) == 0
     after = await until_restarted(client, before["engine"]["restarts"] + 1)
     assert engine_pid(after) != pid
-    assert not alive(pid)
+    assert not process_alive(pid)
     await long_doc.assert_in_sync()
     await other.assert_in_sync()
     completions = after["counters"].get("completions", 0)
@@ -121,6 +113,6 @@ async def test_shutdown_stops_the_engine_without_a_traceback(tiny_gguf, tiny_cac
     await doc.assert_in_sync()
     pid = engine_pid((await stats(client))["server"])
     await stop_server(client)
-    assert not alive(pid), "the engine outlived the server"
+    assert not process_alive(pid), "the engine outlived the server"
     text = log_file.read_text()
     assert "Traceback" not in text and "CancelledError" not in text, text

@@ -31,6 +31,7 @@ import pytest
 
 from kv_cache.edits import TextEdit
 from lsp_server.completer import CompletionOptions
+from tests.fixtures import process_alive
 from tests.typing_probe import first_suitable, near_tie, request_options, runs_through, suggestion_texts, typed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,21 +338,12 @@ def test_checkhealth_reports_the_server_and_model(editor: Editor) -> None:
     assert "ERROR" not in report, report
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie not reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_quitting_neovim_stops_the_server_and_engine_without_a_traceback(editor: Editor, tmp_path: Path) -> None:
     engine = editor.stats()["server"]["engine"]["pid"]
     with open(f"/proc/{engine}/stat") as stat:
         server = int(stat.read().rsplit(")", 1)[1].split()[1])  # the engine's parent: the server
     editor.nvim.command("qall!", async_=True)
-    wait_for("the server to exit", lambda: not _process_alive(server))
-    wait_for("the engine to exit", lambda: not _process_alive(engine))
+    wait_for("the server to exit", lambda: not process_alive(server))
+    wait_for("the engine to exit", lambda: not process_alive(engine))
     log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
