@@ -10,7 +10,9 @@ end of a line:
   line, by how many distinct first lines it offers, and by its wall time against the greedy draft at the same
   point (the sums' ratio);
 - multi-line (scope "multi", 48 tokens): greedy and speculative, timed; their token ids must be equal;
-- every final draft is checked for a repeated suffix and for brackets left unbalanced on its line.
+- every final draft is checked for a repeated suffix and for brackets left unbalanced on its line;
+- one more greedy draft per idle row type (fp16, int8) comes from the rows after they went idle so and came back,
+  as the store keeps a document the user is not in: its agreement with greedy's measures what that costs.
 
 The lookup corpus and the n-gram overlay are the buffer as it is (the target line removed).
 
@@ -30,13 +32,15 @@ from typing import Any
 
 from bench.engine import machine_info, peak_rss_mb
 from bench.fim import URI, lines_to_type, open_after
-from bench.pie import DEFAULT_DATA, edits_parser, format_table, load_records, report
+from bench.pie import DEFAULT_DATA, copy_cache, edits_parser, format_table, load_records, report
 from inference.fetch import cache_root
 from inference.model_store import LoadedModel, load_model
 from inference.ngram import NgramModel
 from inference.registry import DEFAULT_MODEL
 from inference.syntax.finish import repeated_suffix
-from lsp_server.completer import DRAFT_METHODS, Completer, CompletionOptions, CompletionOutcome
+from kv_cache.choices import IDLE_ROWS as ALL_IDLE_ROWS
+from lsp_server.completer import Completer
+from lsp_server.completion import DRAFT_METHODS, CompletionOptions, CompletionOutcome
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "decode.json"
 LINE_TOKENS = 24
@@ -66,6 +70,9 @@ def decode_seconds(outcome: CompletionOutcome) -> float:
     return outcome.timings["total_s"] - outcome.timings["context_s"]
 
 
+IDLE_ROWS = tuple(rows for rows in ALL_IDLE_ROWS if rows != "fp32")  # fp32 idle rows are greedy's own
+
+
 class DecodeRunner:
     """Every decoder at one cursor, through the editor's pipeline (the Completer) with its options forced."""
 
@@ -74,6 +81,18 @@ class DecodeRunner:
 
     def _timed(self, completer: Completer, cursor: int, **options: Any) -> CompletionOutcome:
         return completer.complete(URI, cursor, CompletionOptions(layout="prefix", **options))
+
+    def _after_idle(self, completer: Completer, cursor: int, idle_rows: str, **options: Any) -> str:
+        """Draft 1 from the document's rows after they went idle as `idle_rows` (as the store keeps a document the
+        user is not in) and came back; the rows as they were are put back afterwards for the other runs."""
+        rows = completer.store.peek(URI)
+        completer.store.put(URI, copy_cache(rows))
+        completer.store.peek(URI).make_idle(idle_rows)
+        try:
+            outcome = self._timed(completer, cursor, **options)
+        finally:
+            completer.store.put(URI, rows)
+        return outcome.suggestions[0].text if outcome.suggestions else ""
 
     def target(self, completer: Completer, cursor: int) -> dict[str, Any]:
         completer.ngram = self.ngram
@@ -86,6 +105,8 @@ class DecodeRunner:
             out[f"{name}_s"] = decode_seconds(outcome)
             out[f"{name}_steps"] = outcome.timings.get("forward_steps", outcome.timings.get("generated_tokens", 0.0))
         out["drafts"] = {name: [s.text for s in outcome.suggestions] for name, outcome in runs.items()}
+        for idle_rows in IDLE_ROWS:
+            out[f"greedy_idle_{idle_rows}"] = self._after_idle(completer, cursor, idle_rows, drafts=1, **single)
         multi = {"max_tokens": MULTI_TOKENS, "scope": "multi", "drafts": 1}
         slow = self._timed(completer, cursor, speculative=False, **multi)
         fast = self._timed(completer, cursor, speculative=True, **multi)
@@ -115,6 +136,10 @@ def bench_record(runner: DecodeRunner, record: dict[str, Any]) -> dict[str, Any]
                                 if brackets_balanced(line.target["text"]) else 0)
         targets.append({"line": line.target["line"], "expected": line.expected, **result})
     return {"commit": record["commit"], "path": record["path"], "tokens": len(doc.ids), "targets": targets}
+
+
+def _first(drafts: dict[str, list[str]], method: str = "greedy") -> str:
+    return drafts[method][0] if drafts[method] else ""
 
 
 def _hit(draft: str, expected: str) -> bool:
@@ -151,6 +176,10 @@ def summarize(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
     histogram = Counter(round(t["accepted_per_tree_step"]) for t in ts)
     return {
         "n": len(ts), "n_records": len(records), "k": k,
+        **{f"em_greedy_idle_{rows}": rate(lambda t, rows=rows: _hit(t[f"greedy_idle_{rows}"], t["expected"]))
+           for rows in IDLE_ROWS},
+        **{f"agree_idle_{rows}_greedy": rate(lambda t, rows=rows: t[f"greedy_idle_{rows}"] == _first(t["drafts"]))
+           for rows in IDLE_ROWS},
         "greedy_tok_s": greedy_tok_s, "speculative_tok_s": spec_tok_s,
         "speedup_speculative": spec_tok_s / greedy_tok_s,
         "identical_outputs": rate(lambda t: t["identical"]),
@@ -163,8 +192,9 @@ def summarize(records: list[dict[str, Any]], k: int) -> dict[str, Any]:
     }
 
 
-TABLE_COLUMNS = ("n", "speedup_speculative", "identical_outputs", "accepted_per_tree_step_mean",
-                 "suffix_duplications", "unbalanced_brackets")
+TABLE_COLUMNS = ("n", "em_greedy_idle_fp16", "em_greedy_idle_int8", "agree_idle_fp16_greedy", "agree_idle_int8_greedy",
+                 "speedup_speculative", "identical_outputs", "accepted_per_tree_step_mean", "suffix_duplications",
+                 "unbalanced_brackets")
 METHOD_COLUMNS = ("time_vs_greedy", "em_draft1", "em_best_of_k", "best_minus_draft1_points", "distinct_first_lines")
 
 

@@ -32,7 +32,8 @@ from inference.registry import DEFAULT_MODEL
 from inference.syntax.finish import finish
 from inference.syntax.stop import SyntaxStop
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions
+from lsp_server.completer import Completer
+from lsp_server.completion import CacheSettings, CompletionOptions
 
 LAYOUTS = ("borrowed", "fresh", "prefix")
 DEFAULT_JSON = Path(__file__).parent / "results" / "fim.json"
@@ -90,7 +91,7 @@ class LineToType:
 
 def open_after(model: LoadedModel, record: dict[str, Any]) -> Completer:
     """A Completer with the record's file after its commit open as URI, all its rows encoded."""
-    completer = Completer(model, budget_mb=4096)
+    completer = Completer(model, cache=CacheSettings(budget_mb=4096))
     completer.open(URI, record["after"], "python")
     completer.docs[URI].ensure_rows()
     return completer

@@ -34,7 +34,7 @@ from typing import Any
 from bench.engine import machine_info, write_json
 from bench.lsp import LspError, OpenDocument, lsp_position
 from inference.registry import DEFAULT_MODEL
-from lsp_server.engine import text_digest
+from lsp_server.engine_process import text_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).parent / "results" / "isolation.json"
@@ -68,8 +68,7 @@ def _cursor_in_body(text: str, fraction: float) -> int:
 
 def measure_pipe(jobs: int = PIPE_JOBS) -> dict[str, Any]:
     from kv_cache.edits import TextEdit
-    from lsp_server.engine import EngineConfig
-    from lsp_server.engine_process import EngineProcess
+    from lsp_server.engine_process import EngineConfig, EngineProcess
 
     engine = EngineProcess(EngineConfig(None, None, "cpu", None), hang_timeout_s=60,
                            on_event=lambda *a: None, on_exit=lambda reason: None)

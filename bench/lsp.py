@@ -51,7 +51,7 @@ from typing import Any
 
 from bench.engine import machine_info, write_json
 from inference.registry import DEFAULT_MODEL
-from kv_cache.buffer_cache import SPLICE_MODES
+from kv_cache.choices import SPLICE_MODES
 
 STDLIB = Path(os.__file__).parent
 STDLIB_FILES = ("textwrap.py", "shlex.py", "heapq.py", "contextlib.py", "json/encoder.py")

@@ -5,6 +5,8 @@ commit. The file before is encoded once; that cache is copied for "pie" and "con
 replayed on them as editor edits (token splices), and "full" re-encodes the file after it. Each mode then
 predicts the dataset's target lines greedily from its own rows, with token healing, and the benchmark
 reports exact match, agreement with "full", and how much cheaper the update was than a full re-encode.
+"pie-fp16" and "pie-int8" predict from pie's rows after they went idle in fp16 or int8 and came back (as the
+store keeps a document the user is not in): their exact match and agreement with "pie" measure what that costs.
 
     python -m bench.pie [--data FILE] [--limit N] [--json OUT] [--model M] [--cache DIR]
 """
@@ -33,6 +35,8 @@ from kv_cache.edits import TextEdit
 from kv_cache.splice import TokenizedText, apply_edits
 
 MODES = ("pie", "conflict-fast", "full")
+IDLE_MODES = {"pie-fp16": "fp16", "pie-int8": "int8"}  # pie's rows after going idle so (as the store keeps them)
+PREDICTED = (*MODES, *IDLE_MODES)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "edits" / "edits-dev.jsonl.gz"
 DEFAULT_JSON = Path(__file__).parent / "results" / "pie.json"
 MAX_TOKENS = 24  # one line of code; longer lines are rare and would only add decode time
@@ -136,6 +140,9 @@ def updated_caches(model: LoadedModel, record: dict[str, Any]) -> tuple[Tokenize
     seconds = {mode: sum(s.total_s for s in stats[mode]) for mode in caches}
     parts = {mode: {field: sum(getattr(s, field) for s in stats[mode])
                     for field in ("forward_s", "rotate_s", "inserted", "rotated")} for mode in caches}
+    for mode, rows in IDLE_MODES.items():
+        caches[mode] = copy_cache(caches["pie"])
+        caches[mode].make_idle(rows)  # as the store keeps a document the user is not in
     caches["full"] = base  # the rows before the edit are no longer needed: re-encode in place
     seconds["full"] = timed_encode(base, doc.ids)
     return doc, caches, seconds, parts, tokens_before
@@ -147,7 +154,7 @@ def bench_record(model: LoadedModel, predictor: LinePredictor, record: dict[str,
     targets = []
     for target in record["targets"]:
         k, ids = predictor.prompt_ids(doc, target["offset"], target["indent"])
-        predictions = {mode: predictor.predict(caches[mode], k, ids) for mode in MODES}
+        predictions = {mode: predictor.predict(caches[mode], k, ids) for mode in PREDICTED}
         targets.append({"line": target["line"], "role": target["role"],
                         "expected": target["text"][len(target["indent"]):], "predictions": predictions})
     return {"commit": record["commit"], "path": record["path"], "kind": record["kind"],
@@ -161,6 +168,10 @@ def exact_match(target: dict[str, Any], mode: str) -> bool:
 
 def agrees_with_full(target: dict[str, Any], mode: str) -> bool:
     return target["predictions"][mode] == target["predictions"]["full"]
+
+
+def agrees_with_pie(target: dict[str, Any], mode: str) -> bool:
+    return target["predictions"][mode] == target["predictions"]["pie"]
 
 
 def target_rate(records: list[dict[str, Any]], hit: Callable[[dict[str, Any], str], bool], mode: str) -> float | None:
@@ -184,6 +195,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "em_pie": target_rate(records, exact_match, "pie"),
         "em_full": target_rate(records, exact_match, "full"),
         "em_conflict": target_rate(records, exact_match, "conflict-fast"),
+        "em_pie_fp16": target_rate(records, exact_match, "pie-fp16"),
+        "em_pie_int8": target_rate(records, exact_match, "pie-int8"),
+        "agree_pie_fp16_pie": target_rate(records, agrees_with_pie, "pie-fp16"),
+        "agree_pie_int8_pie": target_rate(records, agrees_with_pie, "pie-int8"),
         "agree_pie_full": target_rate(records, agrees_with_full, "pie"),
         "agree_conflict_full": target_rate(records, agrees_with_full, "conflict-fast"),
         "update_ratio_median": update_ratio_median(records, "pie"),
@@ -203,7 +218,8 @@ def grouped(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: summarize(group) for name, group in groups.items() if group}
 
 
-TABLE_COLUMNS = ("n", "n_targets", "em_pie", "em_full", "em_conflict", "agree_pie_full", "agree_conflict_full",
+TABLE_COLUMNS = ("n", "n_targets", "em_pie", "em_full", "em_conflict", "em_pie_fp16", "em_pie_int8",
+                 "agree_pie_fp16_pie", "agree_pie_int8_pie", "agree_pie_full", "agree_conflict_full",
                  "update_ratio_median", "update_ratio_median_conflict", "update_ms_median_pie",
                  "update_ms_median_conflict-fast", "update_ms_median_full")
 
@@ -223,7 +239,7 @@ def format_table(groups: dict[str, dict[str, Any]], columns: Sequence[str] = TAB
 
 def progress_line(index: int, total: int, result: dict[str, Any]) -> str:
     ms = " ".join(f"{mode}={result['update_s'][mode] * 1e3:.0f}ms" for mode in MODES)
-    em = " ".join(f"{mode}={sum(exact_match(t, mode) for t in result['targets'])}" for mode in MODES)
+    em = " ".join(f"{mode}={sum(exact_match(t, mode) for t in result['targets'])}" for mode in PREDICTED)
     return f"[{index}/{total}] {result['commit'][:10]} {result['kind']} {result['tokens']} tok | {ms} | em {em}"
 
 

@@ -10,23 +10,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import gguf
+import numpy as np
 import onnx
 from tqdm import tqdm
 
 from inference.config import ModelConfig, config_from_gguf
+from inference.converted import CONFIG_FILE, CONVERTER_VERSION, MODEL_FILE, TOKENIZER_FILE
 from inference.graph import build_graph
-from inference.quantize import Quantization, quantize_model
+from inference.quantize import EMBEDDING_BLOCK, BlockedEmbedding, Quantization, quantize_model
 from inference.tokenizer import gguf_tokenizer_fields, tokenizer_from_metadata
-from inference.weights import embedding, head, iter_layers
+from inference.weights import embedding, embedding_block_scales, head, iter_layers
 
-CONVERTER_VERSION = "4"
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def converted_dir(cache: Path, gguf_sha256: str, scheme: Quantization) -> Path:
-    return cache / "converted" / f"{gguf_sha256[:16]}-v{CONVERTER_VERSION}-{scheme.name}"
+def graph_embedding(reader: gguf.GGUFReader, scheme: Quantization,
+                    table: np.ndarray) -> np.ndarray | BlockedEmbedding:
+    """The embedding table as the scheme keeps it in the graph: fp32, or int8 blocks (lossless for a GGUF
+    that stores it in scaled-integer blocks)."""
+    if scheme.blocked_embedding and table.shape[1] % EMBEDDING_BLOCK == 0:
+        return BlockedEmbedding.from_table(table, embedding_block_scales(reader))
+    return table
 
 
 def load_config(model_dir: Path) -> ModelConfig:
@@ -53,6 +54,7 @@ def convert(gguf_path: Path, out_dir: Path, scheme: Quantization, *, gguf_sha256
                    disable=not progress, leave=False)
         emb = embedding(reader)
         final_norm, lm_head = head(reader, config, emb)
+        emb = graph_embedding(reader, scheme, emb)
         bar.update(1)
 
         def layers():

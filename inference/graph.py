@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from inference.config import ModelConfig
+from inference.quantize import BlockedEmbedding
 from inference.rope import inverse_frequencies
 from inference.weights import LayerWeights
 
@@ -179,7 +180,17 @@ def _shape_constants(b: _GraphBuilder, cfg: ModelConfig) -> None:
     )
 
 
-def build_graph(cfg: ModelConfig, embedding: np.ndarray, layers: Iterable[LayerWeights],
+def _embed(b: _GraphBuilder, embedding: np.ndarray | BlockedEmbedding) -> str:
+    """The embeddings of `input_ids` [B, S, M, d], gathered from an fp32 table or from int8 blocks."""
+    if isinstance(embedding, np.ndarray):
+        return b.op("Gather", [b.const("token_embd", embedding), "input_ids"], axis=0)
+    codes = b.op("Gather", [b.const("token_embd_codes", embedding.codes), "input_ids"], axis=0)  # [B, S, M, nb, 32]
+    scales = b.op("Gather", [b.const("token_embd_scales", embedding.scales), "input_ids"], axis=0)  # [.., nb, 1]
+    rows = b.op("Mul", [b.op("Cast", [codes], to=TensorProto.FLOAT), scales])
+    return b.op("Reshape", [rows, b.ints("shape_embedding", [0, 0, 0, -1])])
+
+
+def build_graph(cfg: ModelConfig, embedding: np.ndarray | BlockedEmbedding, layers: Iterable[LayerWeights],
                 final_norm: np.ndarray, lm_head: np.ndarray) -> onnx.ModelProto:
     """Assemble the model; `layers` may be a generator so only one block is dequantized at a time."""
     b = _GraphBuilder()
@@ -187,7 +198,7 @@ def build_graph(cfg: ModelConfig, embedding: np.ndarray, layers: Iterable[LayerW
     hd, kvh = cfg.head_dim, cfg.n_kv_heads
 
     # Embedding mixture: sum_m w[m] * E[id[m]]  ->  [B, S, d]
-    emb = b.op("Gather", [b.const("token_embd", embedding), "input_ids"], axis=0)  # [B, S, M, d]
+    emb = _embed(b, embedding)  # [B, S, M, d]
     mixed = b.op("Mul", [emb, b.op("Unsqueeze", ["input_weights", "axis_last"])])
     x = b.op("ReduceSum", [mixed, b.ints("two_axis", [2])], keepdims=0)
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference.config import ModelConfig
-from inference.convert import MODEL_FILE, TOKENIZER_FILE, convert, converted_dir, load_config
+from inference.convert import convert, load_config
+from inference.converted import MODEL_FILE, TOKENIZER_FILE, converted_dir
 from inference.fetch import cache_root, hash_file, resolve_gguf
 from inference.quantize import DEFAULT_QUANTIZATION, get_quantization
 from inference.registry import DEFAULT_MODEL, MODELS

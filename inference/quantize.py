@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import onnx
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -18,8 +22,47 @@ class Quantization:
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations
     description: str = ""
 
+    @property
+    def blocked_embedding(self) -> bool:
+        """Whether the embedding table is kept as int8 blocks (see BlockedEmbedding) rather than fp32."""
+        return self.bits is not None
 
-# Changing a scheme changes the converted model: bump CONVERTER_VERSION (inference/convert.py) with it.
+
+EMBEDDING_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BlockedEmbedding:
+    """The embedding table as int8 codes times one fp32 scale per block of 32: a quarter of the fp32 table.
+
+    A Gather reads only the rows of the tokens at hand, but the pages around them come in too, so an fp32
+    table (544 MB for Qwen2.5-Coder's 152k tokens) ends up resident once a few thousand distinct tokens were
+    seen. GGUF types Q4_0, Q5_0 and Q8_0 store exactly this (a scale and small integers per block of 32), so
+    from their scales the blocks are lossless: the graph's embeddings are bit-identical to the fp32 table's.
+    """
+
+    codes: np.ndarray  # int8 [vocab, d / 32, 32]
+    scales: np.ndarray  # float32 [vocab, d / 32, 1]
+
+    @classmethod
+    def from_table(cls, table: np.ndarray, scales: np.ndarray | None = None) -> BlockedEmbedding:
+        """`table` [vocab, d] in blocks of 32 along d; `scales` [vocab, d / 32] are the GGUF's own when every
+        value is a scale times an int8 (then exact), else each block's largest magnitude over 127 is used."""
+        vocab, dim = table.shape
+        blocks = table.reshape(vocab, dim // EMBEDDING_BLOCK, EMBEDDING_BLOCK)
+        if scales is None or not _exact(blocks, scales):
+            scales = np.abs(blocks).max(axis=-1) / 127
+        scales = scales.astype(np.float32)[..., None]
+        codes = np.rint(blocks / np.where(scales == 0, 1, scales))
+        return cls(np.clip(codes, -128, 127).astype(np.int8), scales)
+
+
+def _exact(blocks: np.ndarray, scales: np.ndarray) -> bool:
+    codes = np.rint(blocks / np.where(scales == 0, 1, scales)[..., None])
+    return bool(np.abs(codes).max() <= 127 and np.array_equal(codes * scales[..., None], blocks))
+
+
+# Changing a scheme changes the converted model: bump CONVERTER_VERSION (inference/converted.py) with it.
 # Measured on Qwen2.5-Coder-0.5B, 2-core Xeon with AVX-512 VNNI, ORT 1.31 (figures in the README):
 # - accuracy level 4 = int8 activations; level 0 (fp32 activations) has no fast 8-bit kernel (100x slower).
 # - Only some block sizes keep the graph bit-identical however a sequence is chunked: for a single row, 8-bit

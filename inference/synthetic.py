@@ -6,14 +6,18 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import quantize
 
 from inference.tokenizer import tokenizer_metadata, train_tiny_vocab
 
 TINY_LAYERS, TINY_D, TINY_HEADS, TINY_KV_HEADS, TINY_FFN, TINY_VOCAB = 2, 64, 4, 2, 128, 512
 
 
-def write_tiny_gguf(path: Path, training_texts: list[str], *, architecture: str = "qwen2", seed: int = 0) -> Path:
-    """A qwen2 (with q/k/v biases, untied head) or llama (tied embeddings) model in F32 tensors.
+def write_tiny_gguf(path: Path, training_texts: list[str], *, architecture: str = "qwen2", seed: int = 0,
+                    embedding_type: GGMLQuantizationType = GGMLQuantizationType.F32) -> Path:
+    """A qwen2 (with q/k/v biases, untied head) or llama (tied embeddings) model in F32 tensors, but for the
+    embedding table, stored as `embedding_type` (the default model's GGUF has a Q5_0 one).
 
     The vocabulary is trained on `training_texts`, which the caller passes so that the same files give the
     same model on every machine (the tests use their fixtures, not the host's standard library)."""
@@ -38,7 +42,11 @@ def write_tiny_gguf(path: Path, training_texts: list[str], *, architecture: str 
         writer.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
     vocab, d, hd = len(tokens), TINY_D, TINY_D // TINY_HEADS
-    tensor("token_embd.weight", vocab, d, scale=1.0)
+    table = rng.standard_normal((vocab, d)).astype(np.float32)
+    if embedding_type == GGMLQuantizationType.F32:
+        writer.add_tensor("token_embd.weight", table)
+    else:
+        writer.add_tensor("token_embd.weight", quantize(table, embedding_type), raw_dtype=embedding_type)
     for i in range(TINY_LAYERS):
         p = f"blk.{i}."
         writer.add_tensor(p + "attn_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))

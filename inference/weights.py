@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from inference.config import ModelConfig, UnsupportedModel
@@ -90,6 +91,21 @@ def iter_layers(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[LayerW
 
 def embedding(reader: gguf.GGUFReader) -> np.ndarray:
     return _TensorSource(reader).get("token_embd.weight")
+
+
+# GGUF types whose blocks of 32 are a 16-bit scale d followed by small integers q, each value d * q
+_SCALED_INTEGER_BLOCKS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q8_0)
+
+
+def embedding_block_scales(reader: gguf.GGUFReader) -> np.ndarray | None:
+    """The scale d of every block of 32 of the embedding table [vocab, d / 32] when the GGUF stores it as
+    d * (an integer in [-128, 127]); None for other types."""
+    tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    if tensor.tensor_type not in _SCALED_INTEGER_BLOCKS:
+        return None
+    block_bytes = GGML_QUANT_SIZES[tensor.tensor_type][1]
+    raw = np.ascontiguousarray(tensor.data, dtype=np.uint8).reshape(-1, block_bytes)
+    return raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(int(tensor.shape[1]), -1)
 
 
 def head(reader: gguf.GGUFReader, config: ModelConfig, embedding_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

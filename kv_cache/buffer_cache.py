@@ -17,9 +17,11 @@ import numpy as np
 
 from inference.generate import PREFILL_CHUNK, DecodeCache, grow_rows
 from inference.runtime import Decoder, StepOutput
+from kv_cache.choices import IDLE_ROWS, SPLICE_MODES
 from kv_cache.rotation import rerotate_keys
+from kv_cache.row_codec import dequantize_rows, quantize_rows, token_scales
 
-SPLICE_MODES = ("pie", "conflict-fast", "full")
+INT8_LEVELS = 127  # "int8" idle rows (kv_cache/choices.py IDLE_ROWS)
 # Rows whose next-token logits are kept from the forward that wrote them: the last few typed. Healing backs
 # off at most KEPT_LOGITS - 1 tokens (document.HEAL_TOKENS), so the row before them is among these.
 KEPT_LOGITS = 5
@@ -79,6 +81,8 @@ class BufferCache:
         self.revision = 0  # counts changes to the rows; a lent decode cache's prompt rows are valid for one
         self._logits: dict[int, np.ndarray] = {}  # row -> next-token logits [vocab] after rows [0, row]
         self.prompt_rows: PromptRows | None = None
+        self._idle = "fp32"  # how make_idle keeps the K/V: fp32 is awake
+        self._packed: list[tuple[np.ndarray, np.ndarray]] = []  # "int8": per layer, keys then values, (symbols, scales)
 
     # -- read access -------------------------------------------------------------------------------------
 
@@ -107,16 +111,20 @@ class BufferCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the preallocated buffers (the whole capacity, not just the rows in use)."""
-        arrays = [*self._keys, *self._values, self._ids, self._positions, self._stale]
+        arrays = [*self._keys, *self._values, *(a for pair in self._packed for a in pair), self._ids, self._positions,
+                  self._stale]
         return sum(a.nbytes for a in arrays)
 
     def past(self, upto: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Views of the keys and values of rows [0, upto) per layer [kv, upto, hd]: the past for a forward."""
+        """Views of the keys and values of rows [0, upto) per layer [kv, upto, hd]: the past for a forward
+        (fp32: an idle cache's come back first)."""
+        self._wake()
         upto = self._length if upto is None else upto
         return [k[:, :upto] for k in self._keys], [v[:, :upto] for v in self._values]
 
     def rows(self, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Views of the keys and values of rows [start, stop) per layer [kv, stop - start, hd]."""
+        self._wake()
         return [k[:, start:stop] for k in self._keys], [v[:, start:stop] for v in self._values]
 
     def logits_at(self, row: int) -> tuple[np.ndarray, bool]:
@@ -140,6 +148,7 @@ class BufferCache:
         after them and their logits come back; otherwise they are void (this decode writes over them) and
         `prompt_size` more rows are reserved for the caller to write them again.
         """
+        self._wake()
         kept = self.prompt_rows
         if kept is None or prompt is None or kept.key != prompt or kept.revision != self.revision \
                 or kept.length + room > self.capacity:
@@ -197,6 +206,7 @@ class BufferCache:
     def encode(self, ids: Sequence[int]) -> None:
         """Replace the cache by a fresh prefill of `ids` at positions 0..n-1, in chunks like generate.prefill."""
         ids = np.asarray(ids, dtype=np.int64)
+        self._wake()
         self._changed(0)
         self._length = 0
         self._reserve(len(ids))
@@ -217,6 +227,7 @@ class BufferCache:
         stop = min(stop, self._length)
         if not 0 <= start < stop:
             return 0
+        self._wake()
         ids, positions = self._ids[start:stop].copy(), self._positions[start:stop].copy()
         out = self._forward(ids, positions, start)
         self._changed(start)
@@ -235,6 +246,7 @@ class BufferCache:
         if not 0 <= start <= stop <= n:
             raise ValueError(f"splice [{start}, {stop}) is outside the {n} cached rows")
         t0 = time.perf_counter()
+        self._wake()
         new = np.asarray(ids, dtype=np.int64)
         m = len(new)
         if mode == "full":
@@ -276,17 +288,42 @@ class BufferCache:
 
     # -- buffer management -------------------------------------------------------------------------------
 
-    def trim_capacity(self) -> None:
-        """Shrink the buffers to the rows in use, so an idle cache holds (and `nbytes` counts) only those."""
-        rows = max(self._length, 1)
-        if rows == self.capacity:
+    def make_idle(self, rows: str) -> None:
+        """Shrink the buffers to the rows in use and keep K/V as `rows` (one of IDLE_ROWS) until the next edit or
+        decode, so an idle cache holds (and `nbytes` counts) only that. Then they come back as fp32 (wake), with the
+        rounding of fp16 or int8: the rows are not re-encoded."""
+        if rows not in IDLE_ROWS:
+            raise ValueError(f"unknown idle row type {rows!r} (expected one of {', '.join(IDLE_ROWS)})")
+        n = max(self._length, 1)
+        if n == self.capacity and self._idle == rows:
             return
+        self._wake()
         self.prompt_rows = None  # they lived in the capacity being freed
         self._logits.clear()  # an idle cache: its next completion can afford one forward
-        self._keys = [k[:, :rows].copy() for k in self._keys]
-        self._values = [v[:, :rows].copy() for v in self._values]
-        self._ids, self._positions, self._stale = (a[:rows].copy()
-                                                   for a in (self._ids, self._positions, self._stale))
+        if rows == "int8":
+            for layer in (*self._keys, *self._values):
+                scales = token_scales(layer[:, :n])
+                self._packed.append((quantize_rows(layer[:, :n], scales, INT8_LEVELS), scales))
+            self._keys, self._values = [], []
+        else:
+            dtype = np.float16 if rows == "fp16" else np.float32
+            self._keys = [k[:, :n].astype(dtype) for k in self._keys]
+            self._values = [v[:, :n].astype(dtype) for v in self._values]
+        self._idle = rows
+        self._ids, self._positions, self._stale = (a[:n].copy() for a in (self._ids, self._positions, self._stale))
+
+    def _wake(self) -> None:
+        """K/V back in fp32 for a forward, an edit or a read, if make_idle kept them in another type."""
+        if self._idle == "int8":
+            cfg = self.decoder.config
+            shape = (cfg.n_kv_heads, cfg.head_dim)
+            layers = [dequantize_rows(symbols, scales, INT8_LEVELS, shape) for symbols, scales in self._packed]
+            self._keys, self._values = layers[:cfg.n_layers], layers[cfg.n_layers:]
+            self._packed = []
+        elif self._idle == "fp16":
+            self._keys = [k.astype(np.float32) for k in self._keys]
+            self._values = [v.astype(np.float32) for v in self._values]
+        self._idle = "fp32"
 
     def _reserve(self, rows: int) -> None:
         """Make room for `rows` rows, at least doubling, so growth costs amortized O(1) per row."""

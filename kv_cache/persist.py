@@ -41,25 +41,26 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.config import ModelConfig
-from inference.convert import CONFIG_FILE
-from inference.runtime import Decoder
-from kv_cache.buffer_cache import BufferCache
+from inference.converted import CONFIG_FILE
+from kv_cache.row_codec import dequantize_rows, quantize_rows, token_scales
+
+if TYPE_CHECKING:  # `superpie serve` and `superpie cache` use this module without the model's code
+    from inference.runtime import Decoder
+    from kv_cache.buffer_cache import BufferCache
 
 FORMAT_VERSION = 1
 KEY_ROWS = 32  # leading rows a file is found by: a reopened text whose start matches restores that prefix
 MAGIC = b"SPKV"
 SUFFIX = ".spkv"
 BUFFERS = "buffers"  # the directory under the cache root
-DEFAULT_MAX_MB = 512  # the cap on the directory's files (setting persistMaxMb)
 _NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}" + re.escape(SUFFIX))  # what cache_path names a file
 _PRIVATE_DIR = 0o700
 _HEADER_LEN = struct.Struct("<I")
 _DIGEST_LEN = 32  # trailing SHA-256
-_FLOAT16_SAFE = 60000.0  # larger scales are stored as float32
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, struct.error, zlib.error,
                 zipfile.BadZipFile)  # what a damaged file can raise while being read
 
@@ -205,9 +206,9 @@ def save(cache: BufferCache, directory: Path, model_id: str,
     arrays = {"ids": cache.ids, "positions": cache.positions, "stale": cache.stale}
     symbols = []
     for name, rows in (("key", keys), ("value", values)):
-        scales = np.stack([_absmax(r) for r in rows])  # [layers, n]
+        scales = np.stack([token_scales(r) for r in rows])  # [layers, n]
         arrays[f"{name}_scales"] = scales
-        symbols += [_quantize(r, s, lv) for r, s, lv in zip(rows, scales, levels)]
+        symbols += [quantize_rows(r, s, lv) for r, s, lv in zip(rows, scales, levels)]
     # symbols: [2 * layers] of [kv * hd, n] int8: one stream per (layer, channel), tokens contiguous
     arrays["symbols"] = np.frombuffer(_compress(b"".join(s.tobytes() for s in symbols)), np.uint8)
     buf = io.BytesIO()
@@ -260,12 +261,16 @@ class StoredRows:
             return None
 
     def _cache(self, rows: int | None) -> BufferCache:
+        from kv_cache.buffer_cache import BufferCache
+
         cfg, levels, n, arrays = self.decoder.config, self.header["levels"], self.header["rows"], self.arrays
         keep = n if rows is None else min(rows, n)
         symbols = np.frombuffer(zlib.decompress(arrays["symbols"].tobytes()), np.int8)
         streams = symbols.reshape(2, cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n)[..., :keep]  # [K/V, layers, kv*hd, n]
-        keys = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
-        values = [_dequantize(q, s[:keep], lv, cfg) for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
+        shape = (cfg.n_kv_heads, cfg.head_dim)
+        keys = [dequantize_rows(q, s[:keep], lv, shape) for q, s, lv in zip(streams[0], arrays["key_scales"], levels)]
+        values = [dequantize_rows(q, s[:keep], lv, shape)
+                  for q, s, lv in zip(streams[1], arrays["value_scales"], levels)]
         return BufferCache.from_rows(self.decoder, arrays["ids"][:keep], arrays["positions"][:keep],
                                      arrays["stale"][:keep], keys, values)
 
@@ -307,27 +312,3 @@ def _compress(symbols: bytes) -> bytes:
     """
     deflate = zlib.compressobj(6, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     return deflate.compress(symbols) + deflate.flush()
-
-
-def _absmax(rows: np.ndarray) -> np.ndarray:
-    """Per-token scale [n] of rows [kv, n, hd], as float16 rounded up so every |x| / scale stays ≤ 1."""
-    amax = np.abs(rows).max(axis=(0, 2))
-    dtype = np.float16 if amax.max(initial=0) < _FLOAT16_SAFE else np.float32
-    scales = amax.astype(dtype)
-    low = scales.astype(np.float32) < amax
-    scales[low] = np.nextafter(scales[low], dtype(np.inf))
-    return scales
-
-
-def _quantize(rows: np.ndarray, scales: np.ndarray, levels: int) -> np.ndarray:
-    """Symbols [kv * hd, n] int8 in [-levels, levels] for rows [kv, n, hd] and per-token scales [n]."""
-    channels = rows.transpose(0, 2, 1).reshape(-1, rows.shape[1])  # [kv * hd, n]
-    safe = np.where(scales > 0, scales, 1).astype(np.float32)
-    return np.clip(np.rint(channels * (levels / safe)), -levels, levels).astype(np.int8)
-
-
-def _dequantize(symbols: np.ndarray, scales: np.ndarray, levels: int, cfg: ModelConfig) -> np.ndarray:
-    """Rows [kv, n, hd] float32 back from symbols [kv * hd, n] and scales [n]."""
-    n = symbols.shape[1]
-    channels = symbols.astype(np.float32) * (scales.astype(np.float32) / levels)  # [kv * hd, n]
-    return np.ascontiguousarray(channels.reshape(cfg.n_kv_heads, cfg.head_dim, n).transpose(0, 2, 1))

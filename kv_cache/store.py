@@ -1,8 +1,9 @@
 """The open documents' KV caches under one memory budget: least recently used ones go to disk, and come back.
 
 Only the cache in use (the most recently touched) keeps spare capacity for edits; idle caches are trimmed
-to their rows before anything is evicted, so the budget counts memory actually held. On disk, the saved files
-are kept under their own cap, least recently written or restored deleted first (kv_cache/persist.py).
+to their rows, their K/V in fewer bytes, before anything is evicted, so the budget counts memory actually held.
+On disk, the saved files are kept under their own cap, least recently written or restored deleted first
+(kv_cache/persist.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from inference.runtime import Decoder
 from kv_cache import persist
 from kv_cache.buffer_cache import BufferCache
+from kv_cache.choices import IDLE_ROWS, PERSIST_MAX_MB
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,14 @@ class BufferStore:
     """BufferCaches by document URI, most recently used last."""
 
     def __init__(self, budget_mb: float, persist_dir: Path | None, model_id: str, *,
-                 decoder: Decoder | None = None, persist_max_mb: float = persist.DEFAULT_MAX_MB) -> None:
+                 decoder: Decoder | None = None, persist_max_mb: float = PERSIST_MAX_MB,
+                 idle_rows: str = "int8") -> None:
         """`decoder` runs restored caches; without one, the decoder of the first cache put is used.
-        `persist_max_mb` caps the saved files in `persist_dir` (all models' files there count)."""
+        `persist_max_mb` caps the saved files in `persist_dir` (all models' files there count). `idle_rows`
+        (of buffer_cache.IDLE_ROWS) is how the caches not in use keep their K/V (see BufferCache.make_idle)."""
+        if idle_rows not in IDLE_ROWS:
+            raise ValueError(f"unknown idle row type {idle_rows!r} (expected one of {', '.join(IDLE_ROWS)})")
+        self.idle_rows = idle_rows
         self.decoder = decoder
         self.budget_bytes = int(budget_mb * 2**20)
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
@@ -63,8 +70,9 @@ class BufferStore:
     def get(self, uri: str) -> BufferCache | None:
         """The open cache for `uri`, marked as in use; None if it is not in memory."""
         cache = self._caches.get(uri)
-        if cache is not None:
+        if cache is not None and self.lru_order()[-1] != uri:
             self.touch(uri)
+            self.evict_to_budget()  # the cache that was in use is idle now
         return cache
 
     def peek(self, uri: str) -> BufferCache | None:
@@ -98,7 +106,7 @@ class BufferStore:
         Returns the evicted URIs.
         """
         for cache in list(self._caches.values())[:-1]:
-            cache.trim_capacity()
+            cache.make_idle(self.idle_rows)
         evicted = []
         while self.bytes_used > self.budget_bytes and len(self._caches) > 1:
             uri, cache = self._caches.popitem(last=False)

@@ -8,28 +8,33 @@ import json
 import sys
 from pathlib import Path
 
-from inference.config import UnsupportedModel
 from inference.fetch import ModelFetchError, cache_root, cached_gguf
-from inference.model_store import ModelLoadError, load_model, prepare_model
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL, MODELS, get_model
-from inference.runtime import ProviderUnavailable
-from inference.tokenizer import UnsupportedTokenizer
 from kv_cache import persist
-from lsp_server.completer import Completer
 from lsp_server.cursor import InputError, parse_location, read_source, split_at
 from lsp_server.engine_process import HANG_TIMEOUT_S
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
-BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation")  # each a module bench.<suite> with main(argv)
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory")  # each a module bench.<suite> with main(argv)
 # LSP language ids by file extension, for the syntax rules (an editor sends the id itself)
 LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
                 ".tsx": "typescriptreact", ".jsx": "javascriptreact", ".go": "go", ".rs": "rust", ".c": "c",
                 ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java", ".rb": "ruby",
                 ".sh": "shellscript", ".lua": "lua"}
 
-USER_ERRORS = (InputError, ModelFetchError, ModelLoadError, ProviderUnavailable, UnsupportedModel, UnsupportedTokenizer,
-               LookupError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a command reports as `superpie: error: ...`. The model's modules are imported only by the commands
+    that load it (`serve` runs the model in its engine process and stays small without them)."""
+    from inference.config import UnsupportedModel
+    from inference.model_store import ModelLoadError
+    from inference.runtime import ProviderUnavailable
+    from inference.tokenizer import UnsupportedTokenizer
+
+    return (InputError, ModelFetchError, ModelLoadError, ProviderUnavailable, UnsupportedModel, UnsupportedTokenizer,
+            LookupError)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +48,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def cmd_complete(args: argparse.Namespace) -> int:
     """The editor's pipeline at one cursor: the same Completer and settings as `superpie serve`, so this
     prints the first suggestion an editor gets for an explicit (Invoked) request there."""
+    from inference.model_store import load_model
+    from lsp_server.completer import Completer
+
     path, line, column = parse_location(args.location)
     source = read_source(path)
     cursor = split_at(source, line, column)  # validate input before the slow model load
@@ -50,7 +58,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
                              drafts=args.drafts, **({"scope": "multi"} if args.multi_line else {}))
     model = load_model(settings.model, settings.quantization, cache=args.cache_dir, progress=not args.quiet,
                        threads=args.threads, device=args.device)
-    completer = Completer(model, cache_mode=settings.cache_mode, budget_mb=settings.memory_budget_mb)
+    completer = Completer(model, cache=settings.cache_settings())
     uri = path.resolve().as_uri()
     completer.open(uri, source, LANGUAGE_IDS.get(path.suffix.lower(), "plaintext"))
     outcome = completer.complete(uri, len(cursor.prefix), settings.completion(settings.request_drafts(invoked=True)))
@@ -63,6 +71,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
+    from inference.model_store import prepare_model
+
     if args.action == "list":
         for name, spec in MODELS.items():
             state = "cached" if cached_gguf(spec, args.cache_dir) else "not fetched"
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"superpie: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +23,14 @@ from inference.superposed import SuperposedSearch, beam_decode, sampled_decode, 
 from inference.syntax.finish import finish
 from inference.syntax.stop import SyntaxStop
 from kv_cache import persist
-from kv_cache.buffer_cache import SPLICE_MODES
 from kv_cache.document import CursorContext, DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
+from lsp_server.completion import CacheSettings, CompletionOptions, CompletionOutcome, Suggestion
 
 log = logging.getLogger(__name__)
 
-DRAFT_METHODS = ("superposed", "beam", "sampled")  # how k > 1 drafts are decoded (inference/superposed.py)
-REFRESH_POLICIES = ("off", "idle", "threshold")
-LAYOUTS = ("auto", "fim", "prefix")
 LOOKUP_BUFFERS = 4  # other open documents that speculative decoding may copy drafts from
-SCOPES = ("auto", "single", "multi")
-
-
-@dataclass
-class CompletionOptions:
-    max_tokens: int = 64
-    drafts: int = 3
-    scope: str = "auto"  # "auto" | "single" | "multi"
-    speculative: bool = True
-    layout: str = "auto"  # "auto" | "fim" | "prefix": see prompt_layout
-    draft_method: str = "beam"  # one of DRAFT_METHODS, for drafts > 1: bench/decode.py compares them
-
-
-@dataclass
-class Suggestion:
-    text: str  # what to insert at the cursor
-    score: float  # mean log-probability per token: higher is better
-    replace_suffix: int = 0  # characters after the cursor (on its line) that the suggestion replaces
-
-
-@dataclass
-class CompletionOutcome:
-    suggestions: list[Suggestion]  # best first
-    timings: dict[str, float] = field(default_factory=dict)
-    cancelled: bool = False
 
 
 def decode_rows(options: CompletionOptions) -> int:
@@ -82,19 +54,18 @@ def uses_suffix(layout: str, text: str, offset: int) -> bool:
 class Completer:
     """Open documents by URI, each with a DocumentCache; `complete` decodes from the cached rows."""
 
-    def __init__(self, model: LoadedModel, *, cache_mode: str = "pie", budget_mb: float = 1024,
-                 refresh: str = "idle", refresh_threshold: int = 256, persist_dir: Path | None = None,
-                 persist_max_mb: float = persist.DEFAULT_MAX_MB, window: WindowBudget = WindowBudget()) -> None:
+    def __init__(self, model: LoadedModel, *, cache: CacheSettings = CacheSettings(), refresh_threshold: int = 256,
+                 persist_dir: Path | None = None, window: WindowBudget = WindowBudget()) -> None:
         """`window`: the tokens each document's rows keep (bench/cold.py varies how many a cold request waits for)."""
         self.model = model
         self.window = window
-        self.store = BufferStore(budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder,
-                                 persist_max_mb=persist_max_mb)
+        self.cache = cache
+        self.store = BufferStore(cache.budget_mb, persist_dir, model.model_dir.name, decoder=model.decoder,
+                                 persist_max_mb=cache.persist_max_mb, idle_rows=cache.idle_rows)
         self.docs: dict[str, DocumentCache] = {}
         self.languages: dict[str, str] = {}
         self.active: str | None = None  # the document last opened, edited or completed in: its idle work goes first
-        self.cache_mode, self.refresh, self.refresh_threshold = "pie", "idle", refresh_threshold
-        self.configure(cache_mode=cache_mode, refresh=refresh)
+        self.refresh_threshold = refresh_threshold
         self.vocab = vocabulary(model.tokenizer)
         self._latencies: deque[float] = deque(maxlen=512)
         self._recent: deque[dict[str, float]] = deque(maxlen=64)  # per-call timings, for bench/lsp.py
@@ -114,7 +85,7 @@ class Completer:
         first completion)."""
         self.close(uri)
         self.docs[uri] = DocumentCache(uri, text, self.model.decoder, self.model.tokenizer, self.store,
-                                       mode=self.cache_mode, budget=self.window)
+                                       mode=self.cache.mode, budget=self.window)
         self.languages[uri] = language
         self.active = uri
 
@@ -231,9 +202,8 @@ class Completer:
             doc = self.docs.get(uri)
             if doc is None:
                 continue
-            if doc.pending_tokens() > 0 and doc.encode_step():
-                return True
-            if self._wants_refresh(doc) and doc.refresh_step():
+            if doc.pending_tokens() > 0 and doc.encode_step() or self._wants_refresh(doc) and doc.refresh_step():
+                self.store.evict_to_budget()  # rows it grew count, and a cache not in use goes back to idle rows
                 return True
         if self.wants_ngram and self.ngram is None:
             self._build_ngram()
@@ -267,34 +237,26 @@ class Completer:
             self.recycler.save(path)
 
     def _wants_refresh(self, doc: DocumentCache) -> bool:
-        if self.refresh == "off":
+        if self.cache.refresh == "off":
             return False
         stale = doc.stale_rows()
-        return stale > 0 if self.refresh == "idle" else stale >= self.refresh_threshold
+        return stale > 0 if self.cache.refresh == "idle" else stale >= self.refresh_threshold
 
     # -- settings and statistics -------------------------------------------------------------------------
 
-    def configure(self, *, cache_mode: str | None = None, budget_mb: float | None = None,
-                  refresh: str | None = None, persist_max_mb: float | None = None) -> None:
-        if cache_mode is not None:
-            if cache_mode not in SPLICE_MODES:
-                raise ValueError(f"cache mode must be one of {', '.join(SPLICE_MODES)}, not {cache_mode!r}")
-            self.cache_mode = cache_mode
-            for doc in self.docs.values():
-                doc.mode = cache_mode
-        if refresh is not None:
-            if refresh not in REFRESH_POLICIES:
-                raise ValueError(f"refresh policy must be one of {', '.join(REFRESH_POLICIES)}, not {refresh!r}")
-            self.refresh = refresh
-        if budget_mb is not None:
-            if budget_mb <= 0:
-                raise ValueError(f"memory budget must be positive, not {budget_mb}")
-            self.store.budget_bytes = int(budget_mb * 2**20)
+    def configure(self, **changes: Any) -> None:
+        """Change some of the cache settings (CacheSettings' fields); a bad value raises ValueError and changes
+        nothing."""
+        old, new = self.cache, replace(self.cache, **changes)
+        self.cache = new
+        for doc in self.docs.values():
+            doc.mode = new.mode
+        self.store.budget_bytes = int(new.budget_mb * 2**20)
+        self.store.idle_rows = new.idle_rows
+        self.store.persist_max_bytes = int(new.persist_max_mb * 2**20)
+        if (new.budget_mb, new.idle_rows) != (old.budget_mb, old.idle_rows):
             self.store.evict_to_budget()
-        if persist_max_mb is not None:
-            if persist_max_mb <= 0:
-                raise ValueError(f"the cap on saved buffers must be positive, not {persist_max_mb}")
-            self.store.persist_max_bytes = int(persist_max_mb * 2**20)
+        if new.persist_max_mb != old.persist_max_mb:
             self.store.prune_disk()
 
     def stats(self) -> dict[str, Any]:
@@ -318,8 +280,9 @@ class Completer:
             "completions": len(latencies),
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
             "latency_p90_ms": round(1000 * latencies[int(0.9 * (len(latencies) - 1))], 1) if latencies else None,
-            "cache_mode": self.cache_mode,
-            "refresh": self.refresh,
+            "cache_mode": self.cache.mode,
+            "refresh": self.cache.refresh,
+            "idle_rows": self.cache.idle_rows,
             "calls": self._calls,
             "recent_timings": list(self._recent),  # the last 64 calls of `complete`, oldest first
         }

@@ -13,7 +13,8 @@ encode, and its log records.
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import sys
@@ -21,15 +22,16 @@ import threading
 import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from inference.model_store import load_model
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions, CompletionOutcome
+from lsp_server.completer import Completer
+from lsp_server.completion import CacheSettings, CompletionOptions, CompletionOutcome
+from lsp_server.engine_process import EngineConfig, text_digest
 from lsp_server.log_setup import OWN_LOGGERS, apply_log_level
 from lsp_server.options import ServerOptions
 from lsp_server.worker import SKIPPED, ModelWorker
@@ -41,20 +43,22 @@ PROGRESS_STEP = 10  # percent of a window's encoding between two progress report
 CANCELLABLE = ("complete", "prefetch")  # jobs that check for cancellation at every decode step
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """What an engine is started with (the command line's; settings come with each load)."""
-
-    cache_dir: Path | None
-    threads: int | None
-    device: str
-    persist_dir: Path | None
-    log_level: str = "info"
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
-def text_digest(text: str) -> str:
-    """What two copies of a document are compared by: the server's, the cache's, a prefetch's."""
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+_LIBC = _glibc()
+
+
+def _return_free_memory() -> None:
+    """Give the heap's free pages back to the system once the idle work is done. Rows made idle and the buffers
+    of finished forwards leave free memory that RSS still counts (bench/memory.py); glibc keeps it otherwise."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def run_engine(conn: Connection, config: EngineConfig) -> None:
@@ -189,9 +193,7 @@ class Engine:
         report(stage)
         model = load_model(options.model, options.quantization, cache=self.config.cache_dir, progress=False,
                            threads=self.config.threads, device=self.config.device)
-        completer = Completer(model, cache_mode=options.cache_mode, budget_mb=options.memory_budget_mb,
-                              refresh=options.refresh, persist_dir=self.config.persist_dir,
-                              persist_max_mb=options.persist_max_mb)
+        completer = Completer(model, cache=options.cache_settings(), persist_dir=self.config.persist_dir)
         for uri, (text, language) in documents.items():
             completer.open(uri, text, language)
         self.completer = completer
@@ -221,10 +223,9 @@ class Engine:
         if self.completer is not None:
             self.completer.close(uri)
 
-    def _configure(self, cache_mode: str, budget_mb: float, refresh: str, persist_max_mb: float) -> None:
+    def _configure(self, settings: CacheSettings) -> None:
         if self.completer is not None:
-            self.completer.configure(cache_mode=cache_mode, budget_mb=budget_mb, refresh=refresh,
-                                     persist_max_mb=persist_max_mb)
+            self.completer.configure(**asdict(settings))
         self.worker.wake_idle()
 
     def _complete(self, uri: str, offset: int, options: CompletionOptions,
@@ -252,7 +253,7 @@ class Engine:
         completer = self.completer
         if completer is None:
             return False
-        policy = completer.refresh
+        policy = completer.cache.refresh
         completer.configure(refresh="idle")
         try:
             return completer.refresh_step()
@@ -267,6 +268,8 @@ class Engine:
             return False
         more = completer.refresh_step()
         self._report_encoding(completer)
+        if not more:
+            _return_free_memory()
         return more
 
     def _report_encoding(self, completer: Completer) -> None:

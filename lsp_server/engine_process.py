@@ -13,6 +13,7 @@ why, which starts a new engine.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -21,9 +22,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-from lsp_server.engine import EngineConfig, run_engine
 from lsp_server.worker import SKIPPED
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,29 @@ STOP_TIMEOUT_S = 10.0  # a stopping engine saves its caches' state; after this i
 
 class EngineError(RuntimeError):
     """A job failed inside the engine (the message carries the engine's exception)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine is started with (the command line's; settings come with each load)."""
+
+    cache_dir: Path | None
+    threads: int | None
+    device: str
+    persist_dir: Path | None
+    log_level: str = "info"
+
+
+def text_digest(text: str) -> str:
+    """What two copies of a document are compared by: the server's, the cache's, a prefetch's."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _engine_main(conn: Connection, config: EngineConfig) -> None:
+    """The child's entry point. The model's code is imported here, in the child: the server never loads it."""
+    from lsp_server.engine import run_engine
+
+    run_engine(conn, config)
 
 
 @dataclass
@@ -82,7 +107,7 @@ class EngineProcess:
         self._on_event, self._on_exit = on_event, on_exit
         context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=run_engine, args=(child, config), name="superpie-engine", daemon=True)
+        self.process = context.Process(target=_engine_main, args=(child, config), name="superpie-engine", daemon=True)
         self.process.start()
         child.close()
         self._send_lock = threading.Lock()

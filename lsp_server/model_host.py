@@ -17,14 +17,13 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
 
-from inference.convert import MODEL_FILE, converted_dir
+from inference.converted import MODEL_FILE, converted_dir
 from inference.fetch import cache_root, cached_gguf
 from inference.quantize import get_quantization
 from inference.registry import MODELS
 from kv_cache.edits import TextEdit
-from lsp_server.completer import CompletionOptions
-from lsp_server.engine import EngineConfig
-from lsp_server.engine_process import HANG_TIMEOUT_S, EngineJob, EngineProcess
+from lsp_server.completion import CacheSettings, CompletionOptions
+from lsp_server.engine_process import HANG_TIMEOUT_S, EngineConfig, EngineJob, EngineProcess
 from lsp_server.options import ServerOptions
 
 log = logging.getLogger(__name__)
@@ -196,8 +195,8 @@ class ModelHost:
     def close(self, uri: str) -> None:
         self._submit_background("close", uri)
 
-    def configure(self, cache_mode: str, budget_mb: float, refresh: str, persist_max_mb: float) -> None:
-        self._submit_background("configure", cache_mode, budget_mb, refresh, persist_max_mb)
+    def configure(self, settings: CacheSettings) -> None:
+        self._submit_background("configure", settings)
 
     def set_log_level(self, level: str) -> None:
         if self.engine is not None:

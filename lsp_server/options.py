@@ -13,9 +13,8 @@ from typing import Any
 
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
-from kv_cache import persist
-from kv_cache.buffer_cache import SPLICE_MODES
-from lsp_server.completer import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CompletionOptions
+from kv_cache.choices import IDLE_ROWS, PERSIST_MAX_MB, SPLICE_MODES
+from lsp_server.completion import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CacheSettings, CompletionOptions
 
 SECTION = "superpie"  # the workspace/configuration section and the initializationOptions wrapper key
 LOG_LEVELS = ("error", "warning", "info", "debug")
@@ -36,7 +35,8 @@ class ServerOptions:
     layout: str = "auto"  # "auto" | "fim" | "prefix": whether the prompt includes the text after the cursor
     cache_mode: str = "pie"  # "pie" | "conflict-fast" | "full"
     memory_budget_mb: float = 1024.0
-    persist_max_mb: float = float(persist.DEFAULT_MAX_MB)  # saved buffers on disk, least recently used deleted first
+    persist_max_mb: float = float(PERSIST_MAX_MB)  # saved buffers on disk, least recently used deleted first
+    idle_rows: str = CacheSettings.idle_rows  # "int8" | "fp16" | "fp32": how the documents not in use keep their K/V
     refresh: str = "idle"  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
     prefetch: bool = True  # while the model is idle, compute the suggestion that follows accepting the shown one
     log_level: str = "info"
@@ -47,6 +47,11 @@ class ServerOptions:
 
     def request_drafts(self, invoked: bool) -> int:
         return self.drafts if invoked else self.automatic_drafts
+
+    def cache_settings(self) -> CacheSettings:
+        """What the completer's caches run with (changeable without a reload)."""
+        return CacheSettings(mode=self.cache_mode, budget_mb=self.memory_budget_mb, refresh=self.refresh,
+                             persist_max_mb=self.persist_max_mb, idle_rows=self.idle_rows)
 
     def completion(self, drafts: int) -> CompletionOptions:
         """What one request decodes with under these settings (the tests that pick prompts in-process use
@@ -115,6 +120,7 @@ _CHECKS = {
     "cache_mode": _choice(SPLICE_MODES),
     "memory_budget_mb": _positive_number(1 << 20),
     "persist_max_mb": _positive_number(1 << 20),
+    "idle_rows": _choice(tuple(IDLE_ROWS)),
     "refresh": _choice(REFRESH_POLICIES),
     "prefetch": _flag,
     "log_level": _choice(LOG_LEVELS),

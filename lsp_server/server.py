@@ -28,8 +28,7 @@ from pygls.exceptions import JsonRpcInvalidParams, JsonRpcMethodNotFound
 from pygls.lsp.server import LanguageServer
 
 from kv_cache.edits import TextEdit
-from lsp_server.engine import EngineConfig, text_digest
-from lsp_server.engine_process import HANG_TIMEOUT_S, rss_mb
+from lsp_server.engine_process import HANG_TIMEOUT_S, EngineConfig, rss_mb, text_digest
 from lsp_server.log_setup import apply_log_level, configure_logging
 from lsp_server.model_host import CLIENT_REPLY_TIMEOUT_S, ModelHost
 from lsp_server.options import SECTION, ServerOptions, parse_options, to_wire
@@ -292,9 +291,8 @@ class SuperpieServer(LanguageServer):
         if reload and new.model_identity() != old.model_identity():
             self.host.start_load(new, self.session.snapshot())
             return
-        cache_settings = (new.cache_mode, new.memory_budget_mb, new.refresh, new.persist_max_mb)
-        if cache_settings != (old.cache_mode, old.memory_budget_mb, old.refresh, old.persist_max_mb):
-            self.host.configure(*cache_settings)
+        if new.cache_settings() != old.cache_settings():
+            self.host.configure(new.cache_settings())
 
     def _client_pulls_configuration(self) -> bool:
         ws = self.client_caps.workspace

@@ -20,9 +20,8 @@ from typing import Any
 from pygls.exceptions import JsonRpcContentModified, JsonRpcInvalidParams
 
 from kv_cache.edits import TextEdit
-from lsp_server.completer import CompletionOptions, CompletionOutcome, Suggestion
-from lsp_server.engine import text_digest
-from lsp_server.engine_process import EngineJob
+from lsp_server.completion import CompletionOptions, CompletionOutcome, Suggestion
+from lsp_server.engine_process import EngineJob, text_digest
 from lsp_server.model_host import ModelHost
 from lsp_server.positions import same_line
 from lsp_server.suggestions import ShownSuggestions

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from lsprotocol import types
 
-from lsp_server.completer import Suggestion
+from lsp_server.completion import Suggestion
 from lsp_server.positions import position_at, units
 
 _WORD_BEFORE = re.compile(r"\w*\Z")

@@ -13,7 +13,8 @@ import lsp_server.completer as completer_module
 from kv_cache.edits import TextEdit
 from kv_cache import persist
 from kv_cache.buffer_cache import BufferCache
-from lsp_server.completer import DRAFT_METHODS, Completer, CompletionOptions, uses_suffix
+from lsp_server.completer import Completer, uses_suffix
+from lsp_server.completion import DRAFT_METHODS, CacheSettings, CompletionOptions
 from tests.decoding import fim, start
 from tests.fixtures import cpython_files, cpython_text, never_ending
 
@@ -23,7 +24,7 @@ URI = "file:///w/textwrap.py"
 
 @pytest.fixture
 def completer(tiny_model_fp32) -> Completer:
-    return Completer(tiny_model_fp32, budget_mb=64)
+    return Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64))
 
 
 def test_completion_at_end_of_document_follows_a_plain_fim_prompt_step_by_step(completer, tiny_model_fp32):
@@ -74,7 +75,7 @@ def test_cancelled_request_returns_quickly_and_says_so(tiny_model_fp32):
     """Cancelled after the first decoding step, which cannot finish any draft: the model has no end-of-text, and
     at the end of a line of code outside brackets a block ends only at a later line, which takes a second token."""
     model = dataclasses.replace(tiny_model_fp32, tokenizer=never_ending(tiny_model_fp32.tokenizer))
-    completer = Completer(model, budget_mb=64)
+    completer = Completer(model, cache=CacheSettings(budget_mb=64))
     completer.open(URI, SOURCE)
     calls = []
 
@@ -99,11 +100,14 @@ def test_unknown_document_and_bad_settings_are_errors(completer):
     with pytest.raises(KeyError, match="not open"):
         completer.complete("file:///nope.py", 0, CompletionOptions())
     with pytest.raises(ValueError, match="cache mode"):
-        completer.configure(cache_mode="fast")
+        completer.configure(mode="fast")
     with pytest.raises(ValueError, match="refresh"):
         completer.configure(refresh="sometimes")
     with pytest.raises(ValueError, match="saved buffers"):
         completer.configure(persist_max_mb=0)
+    with pytest.raises(ValueError, match="idle rows"):
+        completer.configure(idle_rows="int3")
+    assert completer.cache == CacheSettings(budget_mb=64)  # a refused change changes nothing
     completer.open(URI, "x = 1\n")
     with pytest.raises(ValueError):
         completer.change(URI, [TextEdit(3, 40, "")])
@@ -130,7 +134,7 @@ def test_layout_choice(layout, text, offset, expected):
 
 
 def test_reopened_document_restores_its_rows_from_disk(tiny_model_fp32, tmp_path):
-    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    completer = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64), persist_dir=tmp_path)
     completer.open(URI, SOURCE)
     while completer.refresh_step():
         pass
@@ -194,12 +198,12 @@ def test_drafts_that_finish_to_the_same_text_are_one_suggestion(completer, monke
 
 
 def test_token_recycling_table_survives_a_restart(tiny_model_fp32, tmp_path):
-    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    completer = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64), persist_dir=tmp_path)
     completer.open(URI, SOURCE)
     completer.complete(URI, 1500, CompletionOptions(max_tokens=8, drafts=1, scope="multi"))
     completer.close(URI)  # saves the table
     assert (completer.recycler.successors >= 0).any()  # the decode taught it something
-    again = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    again = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64), persist_dir=tmp_path)
     assert (again.recycler.successors == completer.recycler.successors).all()
 
 
@@ -255,7 +259,8 @@ def test_two_hundred_closed_documents_keep_their_saved_buffers_within_the_cap(ti
     probe.encode(tiny_model_fp32.tokenizer.encode(texts[0]))
     cap = FILES_UNDER_CAP * persist.save(probe, tmp_path / "probe", "probe").stat().st_size
     directory = tmp_path / "buffers"
-    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=directory, persist_max_mb=cap / 2**20)
+    completer = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64, persist_max_mb=cap / 2**20),
+                          persist_dir=directory)
     written, sizes = [], {}  # the closed documents' files, oldest first; their sizes when written
     for i, text in enumerate(texts):
         path = _open_encode_close(completer, f"file:///w/doc{i}.py", text)
@@ -278,7 +283,7 @@ def test_two_hundred_closed_documents_keep_their_saved_buffers_within_the_cap(ti
 
 def test_a_lowered_cap_on_saved_buffers_applies_at_once(tiny_model_fp32, tmp_path):
     """A smaller persistMaxMb deletes the least recently used files now, not at the next close."""
-    completer = Completer(tiny_model_fp32, budget_mb=64, persist_dir=tmp_path)
+    completer = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=64), persist_dir=tmp_path)
     for i, text in enumerate(_distinct_texts(3)):
         last = _open_encode_close(completer, f"file:///w/doc{i}.py", text)
     assert len(_spkv_sizes(tmp_path)) == 3

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from kv_cache.edits import TextEdit
-from lsp_server.completer import CompletionOptions
+from lsp_server.completion import CompletionOptions
 from tests.fixtures import process_alive
 from tests.typing_probe import first_suitable, near_tie, request_options, runs_through, suggestion_texts, typed
 

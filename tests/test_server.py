@@ -28,7 +28,8 @@ from pygls.exceptions import (
 from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
-from lsp_server.completer import Completer, CompletionOptions
+from lsp_server.completer import Completer
+from lsp_server.completion import CompletionOptions
 from kv_cache.document import WindowBudget
 from tests.fixtures import cpython_text
 
@@ -703,11 +704,11 @@ async def test_configuration_changes_are_pulled_and_applied(tiny_gguf, tiny_cach
     try:
         assert (await stats(client))["server"]["settings"]["maxTokens"] == 5  # pulled at start-up
         client.set_configuration({"maxTokens": 9, "refresh": "off", "memoryBudgetMb": 64, "persistMaxMb": 8,
-                                  "logLevel": "debug"}, section="superpie")
+                                  "idleRows": "fp32", "logLevel": "debug"}, section="superpie")
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
         result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 9)
         assert result["cache"]["refresh"] == "off" and result["cache"]["budget_bytes"] == 64 * 2**20
-        assert result["cache"]["persist_max_bytes"] == 8 * 2**20
+        assert result["cache"]["persist_max_bytes"] == 8 * 2**20 and result["cache"]["idle_rows"] == "fp32"
         client.set_configuration({"scope": "sideways"}, section="superpie")
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
         result = await _settle(client, lambda r: r["server"]["settings"]["maxTokens"] == 64)

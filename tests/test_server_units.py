@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lsprotocol import types
 
-from lsp_server.completer import Suggestion
+from lsp_server.completion import Suggestion
 from lsp_server.options import ServerOptions, parse_options, to_wire
 from lsp_server.positions import (
     UTF8,
@@ -166,7 +168,7 @@ def test_persist_max_mb_is_a_checked_setting(bad):
 
 def test_wire_names_round_trip():
     options = ServerOptions(drafts=2, memory_budget_mb=64.0, log_level="debug", draft_method="sampled",
-                            persist_max_mb=32.0)
+                            persist_max_mb=32.0, idle_rows="fp32")
     assert parse_options(to_wire(options)) == (options, [])
 
 
@@ -369,3 +371,13 @@ def test_serve_rejects_a_bad_tcp_address(value):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", "--tcp", value])
     assert exit_.value.code == 2
+
+
+def test_the_lsp_process_never_imports_the_models_code():
+    """`superpie serve` keeps the protocol and the text; the model's libraries load only in the engine process,
+    so the server stays small (README: completion.py) and a crash in them cannot take the protocol down."""
+    probe = ("import sys, lsp_server.cli, lsp_server.server; "
+             "print(sorted(m for m in ('onnxruntime', 'onnx', 'tokenizers', 'gguf', 'tree_sitter') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"

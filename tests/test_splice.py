@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.convert import TOKENIZER_FILE
+from inference.converted import TOKENIZER_FILE
 from inference.fetch import cache_root
 from inference.model_store import LoadedModel, prepare_model
 from inference.tokenizer import CodeTokenizer, tokenizer_from_metadata

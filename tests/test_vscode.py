@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from lsp_server.completer import CompletionOptions
+from lsp_server.completion import CompletionOptions
 from tests.typing_probe import first_suitable, near_tie, request_options, runs_through, suggestion_texts, typed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from kv_cache.edits import TextEdit
-from lsp_server.completer import Completer, CompletionOptions
+from lsp_server.completer import Completer
+from lsp_server.completion import CompletionOptions
 from lsp_server.options import ServerOptions, parse_options
 
 T = TypeVar("T")

@@ -20,6 +20,7 @@ export const SERVER_OPTION_KEYS = [
     'cacheMode',
     'memoryBudgetMb',
     'persistMaxMb',
+    'idleRows',
     'refresh',
     'prefetch',
     'logLevel',

@@ -51,7 +51,7 @@ M.defaults = {
 --- The server option names (lsp_server/options.py, camelCase on the wire).
 M.server_options = {
   'model', 'quantization', 'drafts', 'automaticDrafts', 'draftMethod', 'maxTokens', 'scope', 'speculative',
-  'layout', 'cacheMode', 'memoryBudgetMb', 'persistMaxMb', 'refresh', 'prefetch', 'logLevel',
+  'layout', 'cacheMode', 'memoryBudgetMb', 'persistMaxMb', 'idleRows', 'refresh', 'prefetch', 'logLevel',
 }
 
 ---@type superpie.Config
