@@ -50,16 +50,18 @@ class BlockedEmbedding:
         value is a scale times an int8 (then exact), else each block's largest magnitude over 127 is used."""
         vocab, dim = table.shape
         blocks = table.reshape(vocab, dim // EMBEDDING_BLOCK, EMBEDDING_BLOCK)
-        if scales is None or not _exact(blocks, scales):
-            scales = np.abs(blocks).max(axis=-1) / 127
-        scales = scales.astype(np.float32)[..., None]
-        codes = np.rint(blocks / np.where(scales == 0, 1, scales))
-        return cls(np.clip(codes, -128, 127).astype(np.int8), scales)
+        if scales is not None:
+            scales = scales.astype(np.float32)[..., None]
+            codes = _codes(blocks, scales)
+            if np.abs(codes).max() <= 127 and np.array_equal(codes * scales, blocks):
+                return cls(codes.astype(np.int8), scales)
+        scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float32)[..., None]
+        return cls(np.clip(_codes(blocks, scales), -128, 127).astype(np.int8), scales)
 
 
-def _exact(blocks: np.ndarray, scales: np.ndarray) -> bool:
-    codes = np.rint(blocks / np.where(scales == 0, 1, scales)[..., None])
-    return bool(np.abs(codes).max() <= 127 and np.array_equal(codes * scales[..., None], blocks))
+def _codes(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The nearest integers to blocks / scales (0 where a block's scale is 0)."""
+    return np.rint(blocks / np.where(scales == 0, 1, scales))
 
 
 # Changing a scheme changes the converted model: bump CONVERTER_VERSION (inference/converted.py) with it.

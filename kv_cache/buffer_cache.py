@@ -27,6 +27,13 @@ INT8_LEVELS = 127  # "int8" idle rows (kv_cache/choices.py IDLE_ROWS)
 KEPT_LOGITS = 5
 
 
+def check_idle_rows(rows: str) -> str:
+    """`rows` if it is one of IDLE_ROWS, else ValueError."""
+    if rows not in IDLE_ROWS:
+        raise ValueError(f"unknown idle row type {rows!r} (expected one of {', '.join(IDLE_ROWS)})")
+    return rows
+
+
 @dataclass(frozen=True)
 class PromptRows:
     """Prompt rows a decode wrote after the document's rows (see BufferCache.lend), kept for the next
@@ -292,8 +299,7 @@ class BufferCache:
         """Shrink the buffers to the rows in use and keep K/V as `rows` (one of IDLE_ROWS) until the next edit or
         decode, so an idle cache holds (and `nbytes` counts) only that. Then they come back as fp32 (wake), with the
         rounding of fp16 or int8: the rows are not re-encoded."""
-        if rows not in IDLE_ROWS:
-            raise ValueError(f"unknown idle row type {rows!r} (expected one of {', '.join(IDLE_ROWS)})")
+        check_idle_rows(rows)
         n = max(self._length, 1)
         if n == self.capacity and self._idle == rows:
             return

@@ -18,8 +18,8 @@ import numpy as np
 
 from inference.runtime import Decoder
 from kv_cache import persist
-from kv_cache.buffer_cache import BufferCache
-from kv_cache.choices import IDLE_ROWS, PERSIST_MAX_MB
+from kv_cache.buffer_cache import BufferCache, check_idle_rows
+from kv_cache.choices import PERSIST_MAX_MB
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,8 @@ class BufferStore:
                  idle_rows: str = "int8") -> None:
         """`decoder` runs restored caches; without one, the decoder of the first cache put is used.
         `persist_max_mb` caps the saved files in `persist_dir` (all models' files there count). `idle_rows`
-        (of buffer_cache.IDLE_ROWS) is how the caches not in use keep their K/V (see BufferCache.make_idle)."""
-        if idle_rows not in IDLE_ROWS:
-            raise ValueError(f"unknown idle row type {idle_rows!r} (expected one of {', '.join(IDLE_ROWS)})")
-        self.idle_rows = idle_rows
+        (of choices.IDLE_ROWS) is how the caches not in use keep their K/V (see BufferCache.make_idle)."""
+        self.idle_rows = check_idle_rows(idle_rows)
         self.decoder = decoder
         self.budget_bytes = int(budget_mb * 2**20)
         self.persist_dir = Path(persist_dir) if persist_dir is not None else None
@@ -70,7 +68,7 @@ class BufferStore:
     def get(self, uri: str) -> BufferCache | None:
         """The open cache for `uri`, marked as in use; None if it is not in memory."""
         cache = self._caches.get(uri)
-        if cache is not None and self.lru_order()[-1] != uri:
+        if cache is not None and next(reversed(self._caches)) != uri:
             self.touch(uri)
             self.evict_to_budget()  # the cache that was in use is idle now
         return cache

@@ -24,7 +24,6 @@ LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": 
                 ".sh": "shellscript", ".lua": "lua"}
 
 
-
 def user_errors() -> tuple[type[Exception], ...]:
     """What a command reports as `superpie: error: ...`. The model's modules are imported only by the commands
     that load it (`serve` runs the model in its engine process and stays small without them)."""

@@ -21,7 +21,7 @@ class CacheSettings:
     mode: str = "pie"  # one of SPLICE_MODES: how an edit updates the rows
     budget_mb: float = 1024.0  # memory for all documents' rows; least recently used ones go to disk
     refresh: str = "idle"  # one of REFRESH_POLICIES: when stale rows are re-encoded
-    persist_max_mb: float = PERSIST_MAX_MB  # disk for the rows of closed and evicted documents
+    persist_max_mb: float = float(PERSIST_MAX_MB)  # disk for the rows of closed and evicted documents
     idle_rows: str = "int8"  # one of IDLE_ROWS: how the documents not in use keep their K/V
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
-from kv_cache.choices import IDLE_ROWS, PERSIST_MAX_MB, SPLICE_MODES
+from kv_cache.choices import IDLE_ROWS, SPLICE_MODES
 from lsp_server.completion import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CacheSettings, CompletionOptions
 
 SECTION = "superpie"  # the workspace/configuration section and the initializationOptions wrapper key
@@ -33,11 +33,11 @@ class ServerOptions:
     scope: str = "auto"  # "auto" | "single" | "multi": how far one suggestion may run
     speculative: bool = True
     layout: str = "auto"  # "auto" | "fim" | "prefix": whether the prompt includes the text after the cursor
-    cache_mode: str = "pie"  # "pie" | "conflict-fast" | "full"
-    memory_budget_mb: float = 1024.0
-    persist_max_mb: float = float(PERSIST_MAX_MB)  # saved buffers on disk, least recently used deleted first
+    cache_mode: str = CacheSettings.mode  # "pie" | "conflict-fast" | "full"
+    memory_budget_mb: float = CacheSettings.budget_mb
+    persist_max_mb: float = CacheSettings.persist_max_mb  # saved buffers on disk, least recently used deleted first
     idle_rows: str = CacheSettings.idle_rows  # "int8" | "fp16" | "fp32": how the documents not in use keep their K/V
-    refresh: str = "idle"  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
+    refresh: str = CacheSettings.refresh  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
     prefetch: bool = True  # while the model is idle, compute the suggestion that follows accepting the shown one
     log_level: str = "info"
 
