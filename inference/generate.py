@@ -25,7 +25,7 @@ from inference.tokenizer import CodeTokenizer
 PREFILL_CHUNK = 512  # bounds the [chunk, past + chunk] mask and lets callers interleave other work
 
 
-def never() -> bool:
+def never(text: str = "") -> bool:
     """The `cancelled` of a decode nothing can cancel."""
     return False
 
@@ -210,7 +210,9 @@ class DecodeRequest:
     max_tokens: int = 64
     stop: StopRule | None = SINGLE_LINE
     healed: bytes = b""  # the text between the prompt's last whole token and the cursor: output starts with it
-    cancelled: Callable[[], bool] = never  # asked before every forward; once true, decoding returns what it has
+    # asked before every forward with the text decoded so far ("" from decoders of several drafts); once true,
+    # decoding returns what it has. The text lets a caller give up on a decode the user has typed past.
+    cancelled: Callable[[str], bool] = never
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ def decode_transcript(decoder: Decoder, cache: DecodeCache, out: Transcript, log
         token = choose(logp)
         if out.take(token, logp) or out.full:
             return False, steps
-        if out.request.cancelled():
+        if out.request.cancelled(out.text):
             return True, steps
         logp = out.next_logp(decode_one_token(decoder, cache, token))
         steps += 1

@@ -262,7 +262,7 @@ def speculative_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, 
             break
         n_context = history + len(out.ids)
         context[n_context - 1] = token
-        if request.cancelled():
+        if request.cancelled(out.text):
             stats["cancelled"] = 1.0
             break
         if out.pending:  # still healing: the next token is constrained, so drafts would not help

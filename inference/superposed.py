@@ -192,7 +192,7 @@ def superposed_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, l
         drafts.advance(candidates[: 2 * k])
         if drafts.settled() or step == max_tokens - 1:
             break
-        if request.cancelled():
+        if request.cancelled(""):
             stopped = True
             break
         # One row for all drafts: Σ γ_i E[last token of draft i], γ_i ∝ draft i's probability at the LLM's own
@@ -263,7 +263,7 @@ def beam_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits:
         drafts.advance(candidates if search == "branch" else candidates[: 2 * k])
         if drafts.settled() or step == max_tokens - 1:
             break
-        if request.cancelled():
+        if request.cancelled(""):
             stopped = True
             break
         alive = drafts.alive

@@ -120,12 +120,13 @@ class Completer:
     # -- completion --------------------------------------------------------------------------------------
 
     def complete(self, uri: str, offset: int, options: CompletionOptions,
-                 cancelled: Callable[[], bool] = never) -> CompletionOutcome:
-        """Drafts for the cursor at character `offset`, best first; stops early once `cancelled()` says so."""
+                 cancelled: Callable[[str], bool] = never) -> CompletionOutcome:
+        """Drafts for the cursor at character `offset`, best first; stops early once `cancelled(text so far)` says
+        so."""
         return self.complete_after(uri, offset, "", options, cancelled)
 
     def complete_after(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
-                       cancelled: Callable[[], bool] = never) -> CompletionOutcome:
+                       cancelled: Callable[[str], bool] = never) -> CompletionOutcome:
         """The drafts at offset + len(inserted) as if `inserted` had been typed at `offset` (a prefetch for
         accepting a suggestion), leaving the document as it is."""
         doc = self._doc(uri)
@@ -139,8 +140,8 @@ class Completer:
         self._encoded += ctx.encoded
         timings = {"edits_s": edits_s, "context_s": t1 - t0, "prompt_tokens": float(ctx.encoded),
                    "window_tokens": float(ctx.built)}
-        if ctx.cache is None or ctx.logits is None or cancelled():
-            return self._outcome([], timings, cancelled())
+        if ctx.cache is None or ctx.logits is None or cancelled(""):
+            return self._outcome([], timings, cancelled(""))
         language = self.languages[uri]
         stop = SyntaxStop(ctx.prefix, ctx.suffix, None if options.scope == "auto" else options.scope, language)
         request = DecodeRequest(options.max_tokens, stop, ctx.healed, cancelled)

@@ -97,6 +97,12 @@ class _PipeLogHandler(logging.Handler):
 class _JobState:
     cancel: threading.Event = field(default_factory=threading.Event)
     steps: int = 0  # cancel checks so far
+    typed: str | None = None  # what the user typed at the cursor since the request (the decode follows it)
+
+
+def follows(text: str, typed: str) -> bool:
+    """Whether a completion that starts with `text` can still begin with what the user typed."""
+    return text.startswith(typed) or typed.startswith(text)
 
 
 class Engine:
@@ -135,6 +141,10 @@ class Engine:
                 state = self._jobs.get(message[1])
                 if state is not None:
                     state.cancel.set()
+            elif kind == "typed":
+                state = self._jobs.get(message[1])
+                if state is not None:
+                    state.typed = message[2]
             elif kind == "log_level":
                 apply_log_level(message[1])
             elif kind == "stop":
@@ -164,11 +174,14 @@ class Engine:
             future = self.worker.submit(run, kind=kind, cancel=state.cancel, front=front)
         future.add_done_callback(partial(self._answer, job_id))
 
-    def _step(self, job_id: int, state: _JobState) -> bool:
-        """The decoder's check before each step: counted for the server (a sign of life), then the cancel read."""
+    def _step(self, job_id: int, state: _JobState, text: str) -> bool:
+        """The decoder's check before each step: counted for the server (a sign of life), then the cancel read. A
+        decode the user typed past (the text so far no longer starts with what was typed) stops too: the server
+        would not use it."""
         state.steps += 1
         self.send("step", job_id, state.steps)
-        return state.cancel.is_set()
+        typed = state.typed
+        return state.cancel.is_set() or typed is not None and not follows(text, typed)
 
     def _yield(self, job_id: int, state: _JobState) -> None:
         """An idle-priority job gives way to a newer job: it stops at its next check; the server is told at which."""
@@ -229,14 +242,14 @@ class Engine:
         self.worker.wake_idle()
 
     def _complete(self, uri: str, offset: int, options: CompletionOptions,
-                  cancelled: Callable[[], bool]) -> CompletionOutcome | None:
+                  cancelled: Callable[[str], bool]) -> CompletionOutcome | None:
         completer = self.completer
         if completer is None or uri not in completer.docs:
             return None
         return completer.complete(uri, offset, options, cancelled)
 
     def _prefetch(self, uri: str, offset: int, inserted: str, options: CompletionOptions,
-                  cancelled: Callable[[], bool]) -> CompletionOutcome | None:
+                  cancelled: Callable[[str], bool]) -> CompletionOutcome | None:
         completer = self.completer
         if completer is None or uri not in completer.docs:
             return None

@@ -70,7 +70,7 @@ class EngineJob:
     id: int
     kind: str
     lost: Any  # the result if the engine is lost before it answers
-    cancel_job: Callable[[int], None]
+    send: Callable[..., None]  # a message to the engine about this job
     future: Future = field(default_factory=Future)
     steps: int = 0
     started: bool = False
@@ -82,7 +82,12 @@ class EngineJob:
     def cancel(self) -> None:
         """Stop at the engine's next check (a job not started yet is skipped)."""
         if not self.answered:
-            self.cancel_job(self.id)
+            self.send("cancel", self.id)
+
+    def typed(self, text: str) -> None:
+        """The user typed `text` at the decode's cursor: it stops once its output cannot begin with that."""
+        if not self.answered:
+            self.send("typed", self.id, text)
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         """Settle the future once; the awaiting side may have cancelled it already."""
@@ -131,7 +136,7 @@ class EngineProcess:
                on_yield: Callable[[], None] | None = None) -> EngineJob:
         """Run the engine's job `name` with `args` (in order with the jobs sent before it; `front`: before them;
         `idle`: at idle priority, yielding to any other job)."""
-        job = EngineJob(next(self._ids), kind, lost, self._cancel, on_report=on_report, on_yield=on_yield)
+        job = EngineJob(next(self._ids), kind, lost, self.send, on_report=on_report, on_yield=on_yield)
         with self._send_lock:
             if self._stopping or self._lost or self._kill_reason is not None:
                 job.resolve(lost)
@@ -149,9 +154,6 @@ class EngineProcess:
             self._conn.send(message)
         except (OSError, ValueError):  # the engine is gone; the reader sees the end of the pipe
             pass
-
-    def _cancel(self, job_id: int) -> None:
-        self.send("cancel", job_id)
 
     # -- state ---------------------------------------------------------------------------------------------
 

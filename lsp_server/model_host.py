@@ -269,7 +269,7 @@ class ModelHost:
     def _submit(self, name: str, *args: Any, kind: str, lost: Any = None, front: bool = False, idle: bool = False,
                 on_yield: Callable[[], None] | None = None) -> EngineJob:
         if self.engine is None:  # no model yet, or completions are off: answered as if the engine were lost
-            job = EngineJob(0, kind, lost, lambda _: None)
+            job = EngineJob(0, kind, lost, lambda *_: None)
             job.resolve(lost)
             return job
         return self.engine.submit(name, *args, kind=kind, lost=lost, front=front, idle=idle, on_yield=on_yield)

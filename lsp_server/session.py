@@ -29,6 +29,13 @@ from lsp_server.worker import SKIPPED
 
 log = logging.getLogger(__name__)
 
+FOLLOW_GRACE_S = 0.05  # how long a cancelled request's decode waits for the keystroke that may follow it
+
+
+def _result(future: Future) -> Any:
+    """A settled job's result; None if it failed or was cancelled."""
+    return None if future.cancelled() or future.exception() is not None else future.result()
+
 
 @dataclass
 class Document:
@@ -40,12 +47,23 @@ class Document:
 
 @dataclass
 class Generation:
-    """A model job for one document, and how it is told to stop: a newer request or an edit stops a request's,
-    any other job stops a prefetch."""
+    """A model job for one document, and how it is told to stop: an edit or a request it cannot serve stops a
+    request's, any other job stops a prefetch.
+
+    A request's generation follows typing: while the user types at its cursor (`typed`), it keeps decoding, and a
+    request at the cursor after the typed text waits for it and gets the rest of its suggestions, as if typed
+    through them; the engine stops it as soon as its output no longer starts with what was typed.
+    """
 
     version: int
     job: EngineJob | None = None
     stopped_at: int | None = None  # `steps` when it was told to stop
+    text: str = ""  # the document when it was requested
+    offset: int = 0  # its cursor, in code points
+    options: CompletionOptions | None = None
+    typed: str = ""  # typed at the cursor since
+    typed_version: int = 0  # the document version once `typed` was typed
+    waiters: int = 0  # requests waiting for it
 
     @property
     def steps(self) -> int:
@@ -60,6 +78,29 @@ class Generation:
         if self.job is not None:
             self.job.cancel()
         return True
+
+    def follow(self, edits: list[TextEdit], version: int) -> bool:
+        """Take `edits` as typed at the cursor if they are one insertion right after the typed text (a decode of
+        one draft only); False if they are anything else."""
+        if self.stopped_at is not None or self.job is None or self.options is None or self.options.drafts != 1 \
+                or len(edits) != 1:
+            return False
+        edit, at = edits[0], self.offset + len(self.typed)
+        if edit.start != at or edit.end != at or not edit.text:
+            return False
+        self.typed += edit.text
+        self.typed_version = version
+        self.job.typed(self.typed)
+        return True
+
+    def serves(self, doc: Document, offset: int, options: CompletionOptions) -> bool:
+        """Whether a request at `offset` of `doc` as it is now can wait for this generation."""
+        return self.stopped_at is None and self.options == options and self.typed_version == doc.version and \
+            offset == self.offset + len(self.typed)
+
+    def shown(self, outcome: CompletionOutcome) -> ShownSuggestions:
+        assert self.options is not None
+        return ShownSuggestions(self.text, self.offset, tuple(outcome.suggestions), self.options.drafts)
 
 
 @dataclass
@@ -128,8 +169,13 @@ class Session:
             self.host.open(uri, doc.text, doc.language_id)
 
     def change(self, doc: Document, version: int, edits: list[TextEdit], text_after: str) -> None:
-        """`edits` (code points, in order) took `doc` to `text_after` at `version`."""
-        self._cancel_generation(doc.uri)
+        """`edits` (code points, in order) took `doc` to `text_after` at `version`. Typing at the cursor of the
+        generation in flight is followed; any other edit stops it."""
+        gen = self.inflight.get(doc.uri)
+        if gen is not None and gen.follow(edits, version):
+            self.counters["followed_edits"] += 1
+        else:
+            self._cancel_generation(doc.uri)
         if version <= doc.version:
             log.warning("%s: version %s after %s (out of order?)", doc.uri, version, doc.version)
         doc.version = version
@@ -219,31 +265,60 @@ class Session:
                 raise JsonRpcContentModified(f"{doc.uri} changed before the model was queued")
         if self.host.state == "failed":
             return []
-        self._cancel_generation(doc.uri, superseded=True)
-        gen = Generation(version, self.host.complete(doc.uri, offset, options))
-        self.inflight[doc.uri] = gen
-        future = gen.job.future
-        try:
-            outcome = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:  # $/cancelRequest: stop the decode at its next step
-            gen.stop()
-            self.counters["cancelled_by_client"] += 1
-            raise
-        finally:
-            if self.inflight.get(doc.uri) is gen:
-                del self.inflight[doc.uri]
+        gen = self.inflight.get(doc.uri)
+        if gen is None or not gen.serves(doc, offset, options):
+            self._cancel_generation(doc.uri, superseded=True)
+            gen = self._start(doc, offset, options)
+        outcome = await self._wait(gen)
         finished = outcome is not SKIPPED and outcome is not None and not outcome.cancelled
-        if finished:  # even if stale: typing through it may still answer the next request
-            self.shown[doc.uri] = ShownSuggestions(text, offset, tuple(outcome.suggestions), options.drafts)
+        self._settle(doc.uri, gen, outcome)
         current = self.documents.get(doc.uri)
-        if current is not doc or doc.version != gen.version or doc.text is not text:
+        if current is not doc or doc.version != version or doc.text is not text:
             self.counters["stale_dropped"] += 1
             raise JsonRpcContentModified(f"{doc.uri} changed while completing; the result for version "
                                          f"{gen.version} was dropped")
+        rest = gen.shown(outcome).continue_at(text, offset) if finished else None
+        if gen.typed and not rest and gen.stopped_at is None:  # the user typed past it: decode here
+            self.counters["typed_past"] += 1
+            return await self._from_model(doc, offset, options)
         if not finished:
             return []
-        self.counters["completions"] += 1
-        return list(outcome.suggestions)
+        self.counters["followed" if gen.typed else "completions"] += 1
+        return rest or []
+
+    def _start(self, doc: Document, offset: int, options: CompletionOptions) -> Generation:
+        gen = Generation(doc.version, self.host.complete(doc.uri, offset, options), text=doc.text, offset=offset,
+                         options=options, typed_version=doc.version)
+        self.inflight[doc.uri] = gen
+        loop = asyncio.get_running_loop()
+        gen.job.future.add_done_callback(
+            lambda future: loop.call_soon_threadsafe(self._settle, doc.uri, gen, _result(future)))
+        return gen
+
+    async def _wait(self, gen: Generation) -> CompletionOutcome | None:
+        """The generation's outcome. A request the client cancels stops it, unless another request waits for it
+        or the user typed on at its cursor within FOLLOW_GRACE_S (the editor cancels the previous request just
+        before it sends the keystroke and the next request)."""
+        gen.waiters += 1
+        try:
+            return await asyncio.shield(asyncio.wrap_future(gen.job.future))
+        except asyncio.CancelledError:  # $/cancelRequest
+            asyncio.get_running_loop().call_later(FOLLOW_GRACE_S, self._drop_unwanted, gen, len(gen.typed))
+            raise
+        finally:
+            gen.waiters -= 1
+
+    def _drop_unwanted(self, gen: Generation, typed: int) -> None:
+        if gen.waiters == 0 and len(gen.typed) == typed and gen.stop():
+            self.counters["cancelled_by_client"] += 1
+
+    def _settle(self, uri: str, gen: Generation, outcome: Any) -> None:
+        """A request's generation is done: it is no longer in flight, and a finished one is what is shown (even if
+        stale: typing through it may still answer the next request)."""
+        if self.inflight.get(uri) is gen:
+            del self.inflight[uri]
+            if isinstance(outcome, CompletionOutcome) and not outcome.cancelled:
+                self.shown[uri] = gen.shown(outcome)
 
     def _cancel_generation(self, uri: str, *, superseded: bool = False) -> None:
         gen = self.inflight.get(uri)

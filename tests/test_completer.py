@@ -79,8 +79,8 @@ def test_cancelled_request_returns_quickly_and_says_so(tiny_model_fp32):
     completer.open(URI, SOURCE)
     calls = []
 
-    def cancelled() -> bool:
-        calls.append(1)
+    def cancelled(text: str) -> bool:
+        calls.append(text)
         return len(calls) > 1  # the first call is before decoding starts
 
     offset = SOURCE.index("ord(' '))\n") + len("ord(' '))")

@@ -49,7 +49,7 @@ def test_decoding_writes_its_rows_in_place_after_the_documents_rows(tiny_model, 
     before, n_rows = _rows(doc), len(doc.cache())
     seen: list[int] = []
 
-    def cancelled() -> bool:  # asked before every forward
+    def cancelled(text: str) -> bool:  # asked before every forward
         assert ctx.cache.keys is buffers and all(a is b for a, b in zip(ctx.cache.keys, buffers))
         seen.append(ctx.cache.length)
         return False

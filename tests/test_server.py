@@ -588,6 +588,57 @@ async def test_a_newer_request_supersedes_the_running_one(slow_client, long_prom
     assert counters.get("superseded", 0) == before.get("superseded", 0) + 1
 
 
+async def test_typing_what_the_decode_writes_is_followed_without_a_second_decode(slow_client, long_prompt):
+    """The editor's order at a keystroke: cancel the request in flight, send the keystroke, ask at the new cursor.
+    When the keystroke is the first character the decode in flight writes, that decode goes on and the new request
+    gets the rest of its suggestion: no second decode."""
+    reference = Doc(slow_client, "file:///follow-reference.py", long_prompt)
+    whole = (await reference.inline(invoked=False))[0]  # what this machine's tiny model writes there
+    assert len(whole) > 1
+    doc = Doc(slow_client, "file:///follow.py", long_prompt)
+    before = await stats(slow_client)
+    pending = asyncio.ensure_future(slow_client.protocol.send_request_async(
+        types.TEXT_DOCUMENT_INLINE_COMPLETION, doc.inline_params(invoked=False), msg_id="follow-me"))
+    await until_decoding(slow_client, doc.uri, pending)
+    slow_client.protocol.notify(types.CANCEL_REQUEST, types.CancelParams(id="follow-me"))
+    doc.edit(len(doc.text), len(doc.text), whole[0])
+    assert await doc.inline(invoked=False) == [whole[1:]]
+    with pytest.raises(JsonRpcRequestCancelled):
+        await pending
+    after = await stats(slow_client)
+    counters, was = after["server"]["counters"], before["server"]["counters"]
+    for name in ("followed", "followed_edits"):
+        assert counters.get(name, 0) == was.get(name, 0) + 1, (name, counters)
+    assert counters.get("cancelled_by_client", 0) == was.get("cancelled_by_client", 0)
+    assert after["cache"]["calls"] == before["cache"]["calls"] + 1  # the one decode served both requests
+    await doc.assert_in_sync()
+
+
+async def test_typing_past_the_decode_stops_it_and_decodes_at_the_new_cursor(slow_client, long_prompt):
+    """A keystroke the decode in flight does not write: the engine stops that decode at its next step (its output can
+    no longer start with the typed text), and the request at the new cursor gets a decode of its own."""
+    reference = Doc(slow_client, "file:///past-reference.py", long_prompt)
+    whole = (await reference.inline(invoked=False))[0]
+    other = "@" if whole.startswith("#") else "#"
+    typed = Doc(slow_client, "file:///past-typed.py", long_prompt + other)
+    expected = await typed.inline(invoked=False)  # what a fresh decode there answers
+    doc = Doc(slow_client, "file:///past.py", long_prompt)
+    before = await stats(slow_client)
+    pending = asyncio.ensure_future(doc.inline(invoked=False))
+    await until_decoding(slow_client, doc.uri, pending)
+    doc.edit(len(doc.text), len(doc.text), other)
+    assert await doc.inline(invoked=False) == expected
+    with pytest.raises(JsonRpcException) as dropped:
+        await pending
+    assert dropped.value.code == JsonRpcContentModified.CODE
+    after = await stats(slow_client)
+    counters = after["server"]["counters"]
+    assert counters.get("typed_past", 0) == before["server"]["counters"].get("typed_past", 0) + 1
+    first, second = after["cache"]["recent_timings"][-2:]
+    assert first["cancelled"] == 1.0 and second["cancelled"] == 0.0
+    assert after["cache"]["calls"] == before["cache"]["calls"] + 2
+
+
 async def test_hover_is_answered_while_the_model_decodes(slow_client, long_prompt):
     doc = Doc(slow_client, "file:///busy.py", long_prompt)
     other = Doc(slow_client, "file:///other.py", "x = 1\n")

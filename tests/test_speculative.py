@@ -279,15 +279,18 @@ def test_a_correct_draft_needs_few_forwards_when_verifying_is_cheap(tiny_model):
 
 
 def test_cancellation_returns_the_output_so_far(tiny_model):
-    """A decode cancelled before its 4th forward returns a strict prefix of the uncancelled output."""
+    """A decode cancelled before its 4th forward returns a strict prefix of the uncancelled output; each check
+    is shown the text decoded so far."""
     tok = never_ending(tiny_model.tokenizer)
     prompt = fim(tok, cpython_text("calendar.py")[:1200], "")
     greedy = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed))
     calls = 0
+    texts: list[str] = []
 
-    def cancelled() -> bool:
+    def cancelled(text: str) -> bool:
         nonlocal calls
         calls += 1
+        texts.append(text)
         return calls > 3
 
     context = before_cursor(tok, prompt)
@@ -297,8 +300,9 @@ def test_cancellation_returns_the_output_so_far(tiny_model):
     assert len(greedy.drafts[0].token_ids) == 40  # no stop token and no stop rule: always the whole budget
     assert spec.timings["cancelled"] == 1.0 and calls == 4
     assert 0 < len(ids) < len(greedy.drafts[0].token_ids) and greedy.drafts[0].token_ids[:len(ids)] == ids
+    assert texts[-1] == spec.drafts[0].text and all(greedy.drafts[0].text.startswith(t) for t in texts)
     drafter = Drafter(Recycler(tiny_model.config.vocab_size), context)
-    not_cancelled = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed, lambda: False), drafter)
+    not_cancelled = _decode(tiny_model, tok, prompt, DecodeRequest(40, None, prompt.healed), drafter)
     assert not_cancelled.timings["cancelled"] == 0.0
     _assert_same(not_cancelled, greedy)
 

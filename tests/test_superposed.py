@@ -258,8 +258,8 @@ def test_cancelling_returns_the_drafts_so_far(tiny_model, decode):
     prompt = fim(tok, "def f(x):\n    return ", "\n", heal=False)
     polls = []
 
-    def cancelled() -> bool:
-        polls.append(1)
+    def cancelled(text: str) -> bool:
+        polls.append(text)
         return len(polls) >= 2
 
     result = _complete(decode, tiny_model, tok, prompt, DecodeRequest(20, None, cancelled=cancelled), k=3)
