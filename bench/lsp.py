@@ -52,12 +52,14 @@ from typing import Any
 from bench.engine import machine_info, write_json
 from inference.registry import DEFAULT_MODEL
 from kv_cache.choices import SPLICE_MODES
+from lsp_server.worker import IDLE_DELAY_S
 
 STDLIB = Path(os.__file__).parent
 STDLIB_FILES = ("textwrap.py", "shlex.py", "heapq.py", "contextlib.py", "json/encoder.py")
 CASES = ("line_end", "new_line", "far_edit")
 MODES = ("pie", "full")
 REFRESH_POLICIES = ("off", "idle", "threshold")
+QUIET_POLL_S = 2.5 * IDLE_DELAY_S
 DEFAULT_JSON = Path(__file__).parent / "results" / "lsp.json"
 GAP_S = 0.150  # between an answer and the next keystroke
 FAR_CHARS = 4000  # how far above the cursor the far edit is (about 1,000 tokens of Python)
@@ -390,7 +392,8 @@ class BenchServer:
         raise TimeoutError(f"the {self.mode} server did not load the model in {timeout:.0f} s")
 
     async def wait_quiet(self, timeout: float = 600) -> float:
-        """Until the worker has no job and its idle steps (encoding, refresh) have stopped; returns seconds."""
+        """Until the worker has no job and its idle steps (encoding, refresh) have stopped; returns seconds. Polls
+        QUIET_POLL_S apart: polling faster would keep the idle steps from running and look quiet."""
         t0 = time.monotonic()
         previous, calm = None, 0
         while time.monotonic() - t0 < timeout:
@@ -404,7 +407,7 @@ class BenchServer:
             if calm >= 2:
                 return time.monotonic() - t0
             previous = state
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(QUIET_POLL_S)  # each poll is a job, which holds the idle steps off for IDLE_DELAY_S
         raise TimeoutError(f"the {self.mode} server was still busy after {timeout:.0f} s")
 
     async def cache_stats(self, timeout: float = 60) -> dict[str, Any]:

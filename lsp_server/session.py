@@ -3,8 +3,9 @@ flight, and the prefetch: the suggestions for the text as it will be once the sh
 
 It works in code points on the documents' text; the handlers translate positions, and the model host runs the model.
 A request is answered, in this order, from the prefetch when the editor inserted exactly the suggestion it was
-computed for, from the shown suggestions when the user typed the start of one, else from the model; a model result
-for a document that changed meanwhile is dropped (ContentModified).
+computed for, from the shown suggestions when the user typed the start of one, from the decode in flight when the
+user has typed at its cursor since (see Generation), else from a new decode; a model result for a document that
+changed meanwhile is dropped (ContentModified).
 """
 
 from __future__ import annotations

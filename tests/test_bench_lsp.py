@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
-from bench.lsp import CASES, FAR_CHARS, lsp_position, plan_file, run_lsp_bench, split_lines
+from bench.lsp import CASES, FAR_CHARS, BenchServer, lsp_position, plan_file, run_lsp_bench, split_lines
 from tests.fixtures import cpython_text
 
 
@@ -59,3 +60,27 @@ def test_lsp_bench_on_tiny_model(tiny_gguf: Path, tiny_cache: Path, tmp_path: Pa
     for mode in ("pie", "full"):
         assert summary["server"][mode]["counters"].get("typed_through", 0) == 0
     assert "| line_end | pie | 2 |" in capsys.readouterr().out
+
+
+def test_quiet_waits_for_the_idle_steps_to_build_the_window(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path) -> None:
+    """A cold request encodes a short window and leaves the rest to idle steps. Each stats poll is a job that holds
+    those steps off, so `wait_quiet` must poll slower than they start, or it reports quiet with the window unbuilt
+    (the typing benchmark's line starts then paid for the window: 3.3 s instead of 0.4)."""
+    text = "".join(f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(300))
+
+    async def run() -> dict:
+        with open(tmp_path / "server.log", "w") as log:
+            server = await BenchServer.start("pie", model=str(tiny_gguf), cache=tiny_cache, refresh="idle", log=log,
+                                             settings={})
+            try:
+                await server.wait_ready()
+                doc = await server.open("file:///quiet.py", text)
+                await server.complete(doc, len(text))
+                assert (await server.cache_stats())["encoding"], "the request should have left a window to build"
+                await server.wait_quiet()
+                return await server.cache_stats()
+            finally:
+                await server.client.close()
+
+    cache = asyncio.run(run())
+    assert cache["encoding"] == {} and cache["stale_rows"] == 0
