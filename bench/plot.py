@@ -1,10 +1,13 @@
 """The README's plots, as plain SVG written by hand (the benchmarks need no plotting library):
 
 - the PIE benchmark's cache-update time against buffer size, one dot per record and mode;
-- the cold-start benchmark's time to the first answer against file size, main against now.
+- the cold-start benchmark's time to the first answer against file size, main against now;
+- the typing benchmark's pause latencies, sorted (a distribution), main against now, and llama.cpp where the
+  run had it.
 
     python -m bench.plot [PIE_JSON] [SVG_OUT]
     python -m bench.plot cold [MAIN_JSON] [NOW_JSON] [SVG_OUT]
+    python -m bench.plot typing [MAIN_JSON] [NOW_JSON] [SVG_OUT]
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from bench.pie import DEFAULT_JSON, MODES
 DEFAULT_SVG = DEFAULT_JSON.with_name("pie-update-time.svg")
 COLD_JSON, COLD_MAIN_JSON = DEFAULT_JSON.with_name("cold-served.json"), DEFAULT_JSON.with_name("cold-served-main.json")
 COLD_SVG = DEFAULT_JSON.with_name("cold-first-answer.svg")
-COLORS = {"pie": "#1f77b4", "conflict-fast": "#ff7f0e", "full": "#d62728", "now": "#1f77b4", "main": "#d62728"}
+TYPING_JSON, TYPING_MAIN_JSON = DEFAULT_JSON.with_name("typing.json"), DEFAULT_JSON.with_name("typing-main-3d2f8e8.json")
+TYPING_SVG = DEFAULT_JSON.with_name("typing-pauses.svg")
+COLORS = {"pie": "#1f77b4", "conflict-fast": "#ff7f0e", "full": "#d62728", "now": "#1f77b4", "main": "#d62728",
+          "llama.cpp": "#2ca02c"}
 WIDTH, HEIGHT, MARGIN = 640, 360, 56
 
 
@@ -29,8 +35,9 @@ def _scale(lo: float, hi: float, a: float, b: float):
 
 
 def dot_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, *,
-             log_x: bool = False) -> str:
-    """Dots per named series, y on a log scale (x too with `log_x`), a legend in the corner."""
+             log_x: bool = False, x_step: int | None = None) -> str:
+    """Dots per named series, y on a log scale (x too with `log_x`, else ticks `x_step` apart), a legend in the
+    corner."""
     points = [(x, y, name) for name, dots in series.items() for x, y in dots]
     if not points:
         raise ValueError("nothing to plot")
@@ -55,7 +62,7 @@ def dot_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label
     if log_x:
         ticks = [(e, f"{10 ** e:g}") for e in range(int(lo_x), int(hi_x) + 1)]
     else:
-        step = 1000 if hi_x > 3000 else 500
+        step = x_step or (1000 if hi_x > 3000 else 500)
         ticks = [(t, str(t)) for t in range(0, int(hi_x) + 1, step)]
     for value, label in ticks:
         anchor = "end" if x(value) > WIDTH - 40 else "middle"  # the last label stays inside the picture
@@ -87,9 +94,25 @@ def cold_answer_svg(main: dict[str, Any], now: dict[str, Any]) -> str:
     return dot_plot(series, "file size, bytes (log)", "first answer, s (log)", log_x=True)
 
 
+def typing_pauses_svg(main: dict[str, Any], now: dict[str, Any]) -> str:
+    """Each engine's pause latencies (ms, log) in rising order against their percentile: superpie on main and now,
+    and the peer where `now` ran it."""
+    runs = [("main", main["engines"]["superpie"]), ("now", now["engines"]["superpie"])]
+    runs += [(name, engine) for name, engine in now["engines"].items() if name != "superpie"]
+    series = {}
+    for name, engine in runs:
+        latencies = sorted(pause["latency_ms"] for line in engine["lines"] for pause in line["pauses"])
+        series[name] = [(100 * (i + 0.5) / len(latencies), ms) for i, ms in enumerate(latencies)]
+    return dot_plot(series, "pauses, percentile", "pause → suggestion, ms (log)", x_step=25)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["cold"]:
+    if args[:1] == ["typing"]:
+        paths = [Path(a) for a in args[1:]]
+        main_json, now_json, target = (paths + [TYPING_MAIN_JSON, TYPING_JSON, TYPING_SVG][len(paths):])[:3]
+        svg = typing_pauses_svg(json.loads(main_json.read_text()), json.loads(now_json.read_text()))
+    elif args[:1] == ["cold"]:
         paths = [Path(a) for a in args[1:]]
         main_json, now_json, target = (paths + [COLD_MAIN_JSON, COLD_JSON, COLD_SVG][len(paths):])[:3]
         svg = cold_answer_svg(json.loads(main_json.read_text()), json.loads(now_json.read_text()))

@@ -277,7 +277,7 @@ class Session:
         if current is not doc or doc.version != version or doc.text is not text:
             self.counters["stale_dropped"] += 1
             raise JsonRpcContentModified(f"{doc.uri} changed while completing; the result for version "
-                                         f"{gen.version} was dropped")
+                                         f"{version} was dropped")
         rest = gen.shown(outcome).continue_at(text, offset) if finished else None
         if gen.typed and not rest and gen.stopped_at is None:  # the user typed past it: decode here
             self.counters["typed_past"] += 1

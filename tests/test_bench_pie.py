@@ -136,3 +136,17 @@ def test_cold_plot_has_one_dot_per_file_and_version() -> None:
     svg = cold_answer_svg(served([12.0, 5.0, 30.0]), served([1.0, 0.5, 2.0]))
     assert svg.startswith("<svg") and svg.count("<circle") == 3 + 3 + 2  # dots plus the legend
     assert ">main<" in svg and ">now<" in svg
+
+
+def test_typing_plot_has_one_dot_per_pause_and_engine() -> None:
+    from bench.plot import typing_pauses_svg
+
+    def engine(latencies: list[float]) -> dict[str, Any]:
+        return {"lines": [{"pauses": [{"latency_ms": ms} for ms in latencies[i:i + 2]]}
+                          for i in range(0, len(latencies), 2)]}
+
+    main = {"engines": {"superpie": engine([300.0, 5.0, 250.0, 8.0])}}
+    now = {"engines": {"superpie": engine([280.0, 3.0, 240.0, 2.0]), "llama.cpp": engine([2900.0, 3100.0])}}
+    svg = typing_pauses_svg(main, now)
+    assert svg.startswith("<svg") and svg.count("<circle") == 4 + 4 + 2 + 3  # dots plus the legend
+    assert all(f">{name}<" in svg for name in ("main", "now", "llama.cpp"))
