@@ -196,7 +196,8 @@ class ModelHost:
         self._submit_background("close", uri)
 
     def configure(self, settings: CacheSettings) -> None:
-        self._submit_background("configure", settings)
+        """At the front, so that a stats read after it (a front job too) sees the new settings."""
+        self._submit_background("configure", settings, front=True)
 
     def set_log_level(self, level: str) -> None:
         if self.engine is not None:
@@ -274,8 +275,8 @@ class ModelHost:
             return job
         return self.engine.submit(name, *args, kind=kind, lost=lost, front=front, idle=idle, on_yield=on_yield)
 
-    def _submit_background(self, name: str, *args: Any) -> None:
-        job = self._submit(name, *args, kind=name)
+    def _submit_background(self, name: str, *args: Any, front: bool = False) -> None:
+        job = self._submit(name, *args, kind=name, front=front)
         job.future.add_done_callback(lambda future: _log_failure(name, args[0] if args else None, future))
 
     def _spawn(self, coro_function: Callable[..., Any], *args: Any) -> None:

@@ -34,6 +34,7 @@ class Job:
     kind: str = "task"
     cancel: threading.Event | None = None
     stop: Callable[[], None] | None = None  # an idle-priority job's: makes `run` return at its next check
+    front: bool = False  # queued before the other jobs, after the front jobs queued earlier
 
 
 class ModelWorker:
@@ -55,12 +56,15 @@ class ModelWorker:
 
     def submit(self, run: Callable[[], Any], *, kind: str = "task", cancel: threading.Event | None = None,
                front: bool = False) -> Future:
-        job = Job(run, kind=kind, cancel=cancel)
+        job = Job(run, kind=kind, cancel=cancel, front=front)
         with self._wake:
             if self._stopping:
                 job.future.set_exception(RuntimeError("the model worker has stopped"))
                 return job.future
-            (self._queue.appendleft if front else self._queue.append)(job)
+            if front:  # front jobs keep their own order: a settings change is seen by the stats read after it
+                self._queue.insert(_past_front_jobs(self._queue), job)
+            else:
+                self._queue.append(job)
             waiting, running = self._take_idle_jobs()
             self._wake.notify()
         _yield(waiting, running)
@@ -191,3 +195,14 @@ def _yield(waiting: Job | None, running: Job | None) -> None:
             job.stop()
     if waiting is not None:
         _skip(waiting)
+
+
+
+def _past_front_jobs(queue: deque[Job]) -> int:
+    """The index just past the front jobs at the head of `queue`."""
+    count = 0
+    for job in queue:
+        if not job.front:
+            break
+        count += 1
+    return count

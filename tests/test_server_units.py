@@ -243,6 +243,23 @@ def test_worker_runs_jobs_in_submission_order():
     assert seen == list(range(50))
 
 
+def test_front_jobs_run_before_queued_jobs_and_in_their_own_order():
+    """A settings change and the stats read after it both go to the front: the read must see the change."""
+    worker = ModelWorker()
+    release = threading.Event()
+    seen: list[str] = []
+    blocker = worker.submit(lambda: release.wait(5))
+    futures = [worker.submit(lambda: seen.append("edit")),
+               worker.submit(lambda: seen.append("configure"), front=True),
+               worker.submit(lambda: seen.append("stats"), front=True)]
+    release.set()
+    assert blocker.result(timeout=5)
+    for f in futures:
+        f.result(timeout=5)
+    worker.stop()
+    assert seen == ["configure", "stats", "edit"]
+
+
 def test_cancelled_queued_job_is_skipped_and_running_job_sees_its_event():
     worker = ModelWorker()
     started = threading.Event()
