@@ -66,7 +66,7 @@ FAR_CHARS = 4000  # how far above the cursor the far edit is (about 1,000 tokens
 REGION_CHARS = 700  # a file's cursors stay this close (~170 tokens): the rows' window does not move
 GOAL_P50_MS = 200.0
 FAR_CHARACTER = "x"
-AUTOMATIC = 2  # InlineCompletionTriggerKind.Automatic
+INVOKED, AUTOMATIC = 1, 2  # InlineCompletionTriggerKind
 REQUEST_TIMEOUT_S = 600.0
 
 
@@ -420,9 +420,9 @@ class BenchServer:
             await asyncio.sleep(0.02)
         raise TimeoutError(f"the {self.mode} server's model stayed busy for {timeout:.0f} s")
 
-    async def open(self, uri: str, text: str) -> OpenDocument:
+    async def open(self, uri: str, text: str, language: str = "python") -> OpenDocument:
         await self.client.send(self.client.notification("textDocument/didOpen", {
-            "textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}}))
+            "textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}}))
         return OpenDocument(uri, text)
 
     async def close(self, doc: OpenDocument) -> None:
@@ -433,19 +433,22 @@ class BenchServer:
         items = (result or {}).get("items") or []
         return items[0]["insertText"] if items else ""
 
-    def _inline_params(self, doc: OpenDocument, cursor: int) -> dict[str, Any]:
+    def _inline_params(self, doc: OpenDocument, cursor: int, trigger: int = AUTOMATIC) -> dict[str, Any]:
         return {"textDocument": {"uri": doc.uri}, "position": lsp_position(doc.text, cursor),
-                "context": {"triggerKind": AUTOMATIC}}
+                "context": {"triggerKind": trigger}}
 
-    async def keystroke(self, doc: OpenDocument, key: Keystroke) -> tuple[float, str]:
-        """didChange + inlineCompletion in one write; milliseconds until the answer was read, and its first item."""
-        change = {"range": {"start": lsp_position(doc.text, key.start), "end": lsp_position(doc.text, key.end)},
-                  "text": key.new_text}
-        doc.text = doc.text[:key.start] + key.new_text + doc.text[key.end:]
+    def change_frame(self, doc: OpenDocument, start: int, end: int, text: str) -> bytes:
+        """The didChange that replaces doc.text[start:end] with `text` (applied to `doc`), to send."""
+        change = {"range": {"start": lsp_position(doc.text, start), "end": lsp_position(doc.text, end)}, "text": text}
+        doc.text = doc.text[:start] + text + doc.text[end:]
         doc.version += 1
-        did_change = self.client.notification("textDocument/didChange", {
+        return self.client.notification("textDocument/didChange", {
             "textDocument": {"uri": doc.uri, "version": doc.version}, "contentChanges": [change]})
-        params = self._inline_params(doc, key.cursor)
+
+    async def keystroke(self, doc: OpenDocument, key: Keystroke, trigger: int = AUTOMATIC) -> tuple[float, str]:
+        """didChange + inlineCompletion in one write; milliseconds until the answer was read, and its first item."""
+        did_change = self.change_frame(doc, key.start, key.end, key.new_text)
+        params = self._inline_params(doc, key.cursor, trigger)
         request, future = self.client.request_frame("textDocument/inlineCompletion", params)
         t0 = time.perf_counter()
         await self.client.send(did_change, request)

@@ -16,14 +16,7 @@ from lsp_server.cursor import InputError, parse_location, read_source, split_at
 from lsp_server.engine_process import HANG_TIMEOUT_S
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
-BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory")  # each a module bench.<suite> with main(argv)
-# LSP language ids by file extension, for the syntax rules (an editor sends the id itself)
-LANGUAGE_IDS = {".py": "python", ".pyi": "python", ".js": "javascript", ".mjs": "javascript", ".ts": "typescript",
-                ".tsx": "typescriptreact", ".jsx": "javascriptreact", ".go": "go", ".rs": "rust", ".c": "c",
-                ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".java": "java", ".rb": "ruby",
-                ".sh": "shellscript", ".lua": "lua"}
-
-
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory", "languages")  # each a module bench.<suite> with main(argv)
 def user_errors() -> tuple[type[Exception], ...]:
     """What a command reports as `superpie: error: ...`. The model's modules are imported only by the commands
     that load it (`serve` runs the model in its engine process and stays small without them)."""
@@ -59,7 +52,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
                        threads=args.threads, device=args.device)
     completer = Completer(model, cache=settings.cache_settings())
     uri = path.resolve().as_uri()
-    completer.open(uri, source, LANGUAGE_IDS.get(path.suffix.lower(), "plaintext"))
+    completer.open(uri, source, "plaintext")  # the syntax rules go by the file's extension
     outcome = completer.complete(uri, len(cursor.prefix), settings.completion(settings.request_drafts(invoked=True)))
     if args.json:
         print(json.dumps({"drafts": [{"text": s.text, "score": s.score} for s in outcome.suggestions],

@@ -21,6 +21,7 @@ from inference.ngram import NgramModel
 from inference.speculative import TREE_NODES, Drafter, speculative_decode
 from inference.superposed import SuperposedSearch, beam_decode, sampled_decode, superposed_decode
 from inference.syntax.finish import finish
+from inference.syntax.languages import language_of
 from inference.syntax.stop import SyntaxStop
 from kv_cache import persist
 from kv_cache.document import CursorContext, DocumentCache, WindowBudget
@@ -86,7 +87,9 @@ class Completer:
         self.close(uri)
         self.docs[uri] = DocumentCache(uri, text, self.model.decoder, self.model.tokenizer, self.store,
                                        mode=self.cache.mode, budget=self.window)
-        self.languages[uri] = language
+        syntax = language_of(language, uri)  # the LSP id, or the file's extension when the id is not known
+        log.info("%s: syntax rules %s", uri, syntax.rules)
+        self.languages[uri] = syntax.name
         self.active = uri
 
     def change(self, uri: str, edits: Sequence[TextEdit]) -> None:

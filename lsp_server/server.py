@@ -27,6 +27,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams, JsonRpcMethodNotFound
 from pygls.lsp.server import LanguageServer
 
+from inference.syntax.languages import language_of
 from kv_cache.edits import TextEdit
 from lsp_server.engine_process import HANG_TIMEOUT_S, EngineConfig, rss_mb, text_digest
 from lsp_server.log_setup import apply_log_level, configure_logging
@@ -249,15 +250,16 @@ class SuperpieServer(LanguageServer):
         uri = args[0] if args and isinstance(args[0], str) else None
         if args and uri is None:
             raise JsonRpcInvalidParams("superpie.stats takes no argument or a document URI")
+        server = self._server_stats()  # before the read: settings applied while it waits reach the cache after it
         cache = cached_digest = None
         if self.host.can_read_cache_now():
             cache, cached_digest = await self.host.read_cache(uri, front=uri is None)
-        result = {"server": self._server_stats(), "cache": cache}
+        result = {"server": server, "cache": cache}
         if uri is not None:
             doc = self.session.documents.get(uri)
             result["document"] = None if doc is None else {
                 "version": doc.version, "characters": len(doc.text), "sha256": text_digest(doc.text),
-                "cache_sha256": cached_digest}
+                "cache_sha256": cached_digest, "syntax": language_of(doc.language_id, uri).rules}
         return result
 
     async def cmd_refresh(self, *args: Any) -> dict[str, Any]:

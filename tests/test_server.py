@@ -28,6 +28,9 @@ from pygls.exceptions import (
 from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
+from inference.syntax.finish import repeated_suffix
+from inference.syntax.languages import language_of
+from inference.syntax.lexer import CodeState, advance
 from lsp_server.completer import Completer
 from lsp_server.completion import CompletionOptions
 from kv_cache.document import WindowBudget
@@ -329,6 +332,31 @@ async def test_inline_completion_is_the_completers_drafts(client, tiny_model, an
     outcome = expected.complete("x", len(answered), CompletionOptions(drafts=3))
     assert items == [s.text for s in outcome.suggestions][:3]
     assert items
+
+
+# A Go, a Rust and a TypeScript file, each with a cursor inside a call whose closer the suffix has.
+OTHER_LANGUAGES = [
+    ("go", "file:///calc/sum.go", "package calc\n\nfunc Sum(xs []int) int {\n\ttotal := 0\n"
+     "\tfor _, x := range xs {\n\t\ttotal += x\n\t}\n\treturn clamp(", ")\n}\n"),
+    ("rust", "file:///src/sum.rs", "pub fn sum<'a>(xs: &'a [i32]) -> i32 {\n    let total: i32 = xs.iter().sum();\n"
+     "    clamp(", ")\n}\n"),
+    ("typescript", "file:///src/sum.ts", "export function sum(xs: number[]): number {\n"
+     "  const total = xs.reduce((a, b) => a + b, 0);\n  return clamp(", ");\n}\n"),
+]
+
+
+@pytest.mark.parametrize(("language", "uri", "prefix", "suffix"), OTHER_LANGUAGES)
+async def test_go_rust_and_typescript_get_their_own_syntax_rules(client, tiny_model, language, uri, prefix, suffix):
+    doc = Doc(client, uri, prefix + suffix, language)
+    items = await doc.inline(len(prefix))
+    assert (await stats(client, uri))["document"]["syntax"] == f"{language} (tree-sitter)"
+    expected = Completer(tiny_model)
+    expected.open(uri, prefix + suffix, language)
+    outcome = expected.complete(uri, len(prefix), CompletionOptions(drafts=3))
+    assert items == [s.text for s in outcome.suggestions][:3]
+    for item in items:  # syntax-stopped: one line, nothing of the suffix written again, the call left to it
+        assert "\n" not in item and not repeated_suffix(item, prefix, suffix, language)
+        assert advance(language_of(language).lexicon, item, CodeState("("), floor=1)[1] is None
 
 
 async def test_automatic_trigger_returns_the_configured_number_of_drafts(client):

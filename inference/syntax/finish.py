@@ -74,12 +74,19 @@ def _drop_provided_closer(text: str, ctx: CursorContext) -> str:
     return text[:at] if closer == ctx.suffix_closer else text
 
 
+CONTINUED_BY = tuple(CLOSER_OF) + (",",)  # a line ending in one of these goes on below: `t.Union[`, `if x {`, `f(a,`
+
+
 def _close_brackets(text: str, ctx: CursorContext) -> str:
     """Close the brackets the completion opened and left open, unless the cursor line's suffix has closers to spare
-    for them (more than the brackets open before the cursor need)."""
+    for them (more than the brackets open before the cursor need), or the completion ends where the code goes on
+    below (an opening bracket or a comma: the model was stopped at that line break, and `t.Union[]` or `if x {}`
+    would be wrong)."""
     _, end, low = closing_events(ctx.lexicon, text, ctx.state)
     if not end.in_code:
         return text  # inside a string or comment the completion opened: a closer would land in it
+    if text.rstrip().endswith(CONTINUED_BY):
+        return text
     opened = end.brackets[low:]  # outermost first
     spare = max(0, ctx.suffix_line_closers - low)
     needed = opened[spare:]  # the suffix's spare closers close the outermost ones, after ours

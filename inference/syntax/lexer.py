@@ -13,7 +13,8 @@ OPENER_OF = {")": "(", "]": "[", "}": "{"}
 
 @dataclass(frozen=True)
 class Lexicon:
-    """What the lexer must know to tell code from strings and comments in one language."""
+    """What the lexer must know to tell code from strings and comments in one language (the languages' lexicons
+    are in inference/syntax/languages.py)."""
 
     line_comments: tuple[str, ...]
     block_comment: tuple[str, str] | None
@@ -21,23 +22,13 @@ class Lexicon:
     multiline_quotes: frozenset[str]
     clause_words: frozenset[str]  # a line starting with one continues the statement above it (else, except)
     block_opener: str  # the last character of a line that opens a block
+    raw_quotes: frozenset[str] = frozenset()  # no escapes inside: Go's `…`, Rust's r"…"
+    quote_ends: tuple[tuple[str, str], ...] = ()  # quotes closed by another text than themselves: r#" by "#
+    atoms: str = ""  # a regex of literals skipped whole where a quote alone would mislead: Rust's char literals
 
-
-PYTHON = Lexicon(("#",), None, ('"""', "'''", '"', "'"), frozenset({'"""', "'''"}),
-                 frozenset({"elif", "else", "except", "finally"}), ":")
-C_LIKE = Lexicon(("//",), ("/*", "*/"), ('"', "'", "`"), frozenset({"`"}), frozenset({"else", "catch", "finally"}), "{")
-HASH_COMMENTS = Lexicon(("#",), None, ('"', "'"), frozenset(),
-                        frozenset({"else", "elif", "elsif", "rescue", "ensure"}), "{")
-_HASH_LANGUAGES = frozenset({"shellscript", "bash", "sh", "ruby", "perl", "r", "yaml", "toml", "makefile",
-                             "dockerfile", "elixir", "julia", "nim", "coffeescript", "powershell"})
-
-
-def lexicon(language: str) -> Lexicon:
-    """The lexicon for an LSP language id; C-like comments and strings for languages not named here."""
-    language = language.lower()
-    if language == "python":
-        return PYTHON
-    return HASH_COMMENTS if language in _HASH_LANGUAGES else C_LIKE
+    def end_of(self, quote: str) -> str:
+        """The text that closes a string opened by `quote`."""
+        return next((end for opener, end in self.quote_ends if opener == quote), quote)
 
 
 @dataclass(frozen=True)
@@ -50,8 +41,10 @@ class _Patterns:
 def _patterns(lex: Lexicon) -> _Patterns:
     marks = [*lex.quotes, *lex.line_comments, *([lex.block_comment[0]] if lex.block_comment else [])]
     marks.sort(key=len, reverse=True)
-    code = re.compile("|".join(re.escape(m) for m in marks) + r"|[()\[\]{}]")
-    string = {q: re.compile(r"\\.|" + re.escape(q) + ("" if q in lex.multiline_quotes else r"|\n"), re.S)
+    atom = f"(?P<atom>{lex.atoms})|" if lex.atoms else ""
+    code = re.compile(atom + "|".join(re.escape(m) for m in marks) + r"|[()\[\]{}]")
+    string = {q: re.compile(("" if q in lex.raw_quotes else r"\\.|") + re.escape(lex.end_of(q))
+                            + ("" if q in lex.multiline_quotes else r"|\n"), re.S)
               for q in lex.quotes}
     return _Patterns(code, string)
 
@@ -106,6 +99,8 @@ def advance(lex: Lexicon, text: str, state: CodeState, start: int = 0, end: int 
             if m is None:
                 break
             token, i = m.group(), m.end()
+            if m.lastgroup == "atom":
+                continue
             if token in CLOSER_OF:  # an opening bracket
                 brackets.append(token)
             elif token in OPENER_OF:  # a closing one
@@ -137,7 +132,7 @@ def closing_events(lex: Lexicon, text: str, state: CodeState, start: int = 0,
             return events, before, floor
         if before.quote is not None:  # the string open at `start` ends here
             events.append((at, before.quote))
-            state, in_string, i = CodeState(before.brackets), False, at + len(before.quote)
+            state, in_string, i = CodeState(before.brackets), False, at + len(lex.end_of(before.quote))
         else:
             events.append((at, text[at]))
             closes = before.brackets.endswith(OPENER_OF[text[at]])

@@ -7,19 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-import tree_sitter
-import tree_sitter_python
-
-from inference.syntax.lexer import (
-    OPENER_OF,
-    CodeState,
-    Lexicon,
-    advance,
-    closing_events,
-    first_word,
-    indent_of,
-    lexicon,
-)
+from inference.syntax.languages import Language, language_of, parse
+from inference.syntax.lexer import OPENER_OF, CodeState, Lexicon, advance, closing_events, first_word, indent_of
 
 Scope = Literal["single", "multi"]
 
@@ -27,12 +16,6 @@ WINDOW_LINES = 300  # how far back to look for a line where no bracket, string o
 SUFFIX_SCAN_CHARS = 4000  # how much of the suffix to search for the closer of the cursor's bracket or string
 NEXT_LINES = 50  # how many suffix lines to look through for the next line of code
 HEADER_LINES = 40  # how far up from a ':' to look for the first line of its statement
-# Python statements whose header ends in ':' and opens a block (tree-sitter-python node types).
-PYTHON_COMPOUND = frozenset({
-    "function_definition", "class_definition", "if_statement", "elif_clause", "else_clause", "for_statement",
-    "while_statement", "with_statement", "try_statement", "except_clause", "except_group_clause", "finally_clause",
-    "match_statement", "case_clause",
-})
 PYTHON_COMPOUND_WORDS = frozenset({
     "def", "class", "if", "elif", "else", "for", "while", "with", "try", "except", "finally", "async", "match", "case",
 })
@@ -50,20 +33,15 @@ def _next_line(rest: str, skip: tuple[str, ...] = ()) -> str | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def _python_language() -> tree_sitter.Language:
-    return tree_sitter.Language(tree_sitter_python.language())
-
-
-def python_tree(source: bytes) -> tree_sitter.Tree:
-    return tree_sitter.Parser(_python_language()).parse(source)  # a parser per call: safe across threads
-
-
-def _python_opener(window: str) -> int | None:
-    """Where (index in `window`) the compound statement starts whose header's ':' is the last code before the end
-    of `window`; None if the last code is not such a ':' (a dict, a slice, a lambda, or an unparsable header)."""
+def _compound_opener(language: Language, window: str) -> int | None:
+    """Where (index in `window`) the compound statement starts whose header's opener (Python's ':') is the last
+    code before the end of `window`; None if the last code is not such an opener (a dict, a slice, a lambda, or
+    an unparsable header)."""
     source = window.encode("utf-8", "surrogatepass")
-    root = python_tree(source).root_node
+    tree = parse(language, source)
+    if tree is None:
+        return None
+    root = tree.root_node
     end = len(source.rstrip())
     node = None
     while end > 0:
@@ -71,9 +49,9 @@ def _python_opener(window: str) -> int | None:
         if node is None or node.type != "comment":
             break
         end = len(source[:node.start_byte].rstrip())
-    if node is None or end == 0 or node.type != ":" or node.parent is None:
+    if node is None or end == 0 or node.type != language.lexicon.block_opener or node.parent is None:
         return None
-    if node.parent.type not in PYTHON_COMPOUND:
+    if node.parent.type not in language.compound:
         return None
     return len(source[:node.parent.start_byte].decode("utf-8", "surrogatepass"))
 
@@ -82,7 +60,7 @@ def _python_opener(window: str) -> int | None:
 class CursorContext:
     """What the stopping rules need to know about the text around the cursor."""
 
-    language: str
+    language: Language
     lexicon: Lexicon
     line_prefix: str  # the cursor line before the cursor
     line_suffix: str  # the cursor line after the cursor, without its line break
@@ -133,15 +111,15 @@ def _python_header_start(prefix: str, colon_line: int) -> int:
     return colon_line
 
 
-def _opener(lex: Lexicon, language: str, prefix: str, window: int, state: CodeState) -> int | None:
+def _opener(lex: Lexicon, language: Language, prefix: str, window: int, state: CodeState) -> int | None:
     """Where the line of the block opener that the cursor follows (only blank lines or comments between) starts in
-    `prefix`, or None."""
+    `prefix`, or None. Indented blocks (Python) ask tree-sitter; brace blocks end their line with the opener."""
     code = prefix.rstrip()
     if not code:
         return None
-    if language == "python":
+    if language.compound:
         head = _python_header_start(prefix, max(window, code.rfind("\n") + 1))
-        start = _python_opener(prefix[head:])
+        start = _compound_opener(language, prefix[head:])
         if start is not None:
             return prefix.rfind("\n", 0, head + start) + 1
         # Text fallback when tree-sitter sees an error: a line that starts with a compound keyword and ends in ':'.
@@ -163,8 +141,10 @@ def _block_is_empty(lex: Lexicon, rest: str, opener_indent: int) -> bool:
 
 @lru_cache(maxsize=8)
 def cursor_context(prefix: str, suffix: str, language: str = "python") -> CursorContext:
-    """The context of one cursor (cached: the scope, the stop rule and `finish` of one request share it)."""
-    lex = lexicon(language)
+    """The context of one cursor (cached: the scope, the stop rule and `finish` of one request share it).
+    `language`: an LSP language id or a name of inference/syntax/languages.py's table."""
+    spec = language_of(language)
+    lex = spec.lexicon
     line_start = prefix.rfind("\n") + 1
     line_prefix = prefix[line_start:]
     newline = suffix.find("\n")
@@ -184,8 +164,8 @@ def cursor_context(prefix: str, suffix: str, language: str = "python") -> Cursor
 
     block_indent, opener_text, scope = None, "", "single"
     if state.in_code and not line_suffix.strip():
-        opener = _opener(lex, language, prefix, window, state)
+        opener = _opener(lex, spec, prefix, window, state)
         if opener is not None and _block_is_empty(lex, rest, indent_of(prefix[opener:])):
             block_indent, opener_text, scope = indent_of(prefix[opener:]), prefix[opener:], "multi"
-    return CursorContext(language, lex, line_prefix, line_suffix, next_line.rstrip(), line_state, state,
+    return CursorContext(spec, lex, line_prefix, line_suffix, next_line.rstrip(), line_state, state,
                          suffix_closer, suffix_line_closers, block_indent, opener_text, scope)

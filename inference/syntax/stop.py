@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from inference.syntax.languages import DECORATED_WORDS, Language, parse
 from inference.syntax.lexer import OPENER_OF, CodeState, advance, escaped, first_word, indent_of, is_word
-from inference.syntax.scope import CursorContext, Scope, cursor_context, python_tree
+from inference.syntax.scope import CursorContext, Scope, cursor_context
 
-DECORATED_WORDS = frozenset({"def", "class", "async", "@"})  # what may follow a decorator at its indentation
 
 
 def _before_line(text: str, start: int) -> int:
@@ -19,20 +19,26 @@ def _line_end(text: str, end: int) -> int:
     return end - 1 if end > 0 and text[end - 1] == "\r" else end
 
 
-def _python_node_continues(snippet: str) -> bool:
+def _node_continues(language: Language, snippet: str) -> bool:
     """Whether the node that starts on the snippet's first line runs on into its last line (Cody's rule: the largest
-    node that starts on that line). The snippet is dedented so that its first line starts at column 0."""
+    node that starts on that line). The snippet is dedented so that its first line starts at column 0. Without a
+    grammar, or where tree-sitter sees only an error, the clause word that brought us here decides for brace
+    languages (a block not yet closed is often an error to it), and ends the node in Python."""
     source = snippet.encode("utf-8", "surrogatepass")
+    tree = parse(language, source)
+    if tree is None:
+        return True
     last_line = source.rstrip(b"\r\n").rfind(b"\n") + 1
     last_code = last_line + len(source[last_line:]) - len(source[last_line:].lstrip())
-    root = python_tree(source).root_node
-    node = root.named_descendant_for_byte_range(0, 1)
+    node = tree.root_node.named_descendant_for_byte_range(0, 1)
     if node is None or node.parent is None:
         return False
     while node.parent is not None and node.parent.parent is not None and \
             node.parent.start_point.row == node.start_point.row:
         node = node.parent
-    return node.type != "ERROR" and node.end_byte > last_code
+    if node.type == "ERROR":
+        return language.error_continues
+    return node.end_byte > last_code
 
 
 class SyntaxStop:
@@ -192,7 +198,7 @@ class SyntaxStop:
                     return _before_line(text, start)
                 if not complete:
                     return None
-                if not self._continues(text, start, end):
+                if word in self.context.language.confirmed and not self._continues(text, start, end):
                     return _before_line(text, start)
         if complete and code and whole.rstrip() == ctx.next_line and (start > 0 or not ctx.line_prefix.strip()):
             return _before_line(text, start)
@@ -217,10 +223,7 @@ class SyntaxStop:
         return words | DECORATED_WORDS if self._anchor_code.startswith("@") else words
 
     def _continues(self, text: str, start: int, end: int) -> bool:
-        """Whether the complete line at text[start:end] continues the anchor node; tree-sitter decides for Python,
-        other languages trust the clause word."""
-        if self.context.language != "python":
-            return True
+        """Whether the complete line at text[start:end] continues the anchor node (tree-sitter decides)."""
         lines = (self._anchor_head + text[self._anchor_start or 0:end]).splitlines()
         margin = lines[0][:len(lines[0]) - len(lines[0].lstrip())]
         dedented = []
@@ -231,4 +234,4 @@ class SyntaxStop:
                 dedented.append("")
             else:
                 return False  # a line left of the anchor (in a string, say): not a clause of it
-        return _python_node_continues("\n".join(dedented) + "\n")
+        return _node_continues(self.context.language, "\n".join(dedented) + "\n")
