@@ -183,7 +183,7 @@ async def _document(server: BenchServer, uri: str) -> dict[str, Any]:
 async def _run(model: str, cache: Path | None, files: list[SourceFile], targets: list[Target], settle: bool,
                log: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     server = await BenchServer.start("languages", model=model, cache=cache, refresh="idle", log=log, settings={})
-    rows, settled, syntax = [], {}, {}
+    rows, settled, syntax, turn = [], {}, {}, 0
     try:
         await server.wait_ready()
         for file in files:
@@ -198,10 +198,11 @@ async def _run(model: str, cache: Path | None, files: list[SourceFile], targets:
                 raise AssertionError(f"{docs['text'].uri} got {syntax[file.name]['text']}, not the text rules")
             if settle:
                 settled[file.name] = round(await server.wait_quiet(), 1)
-            for n, target in enumerate(mine):
+            for target in mine:
                 line = file.text.count("\n", 0, target.cursor)
                 end = target.cursor + len(target.expected)
-                for mode in MODES[::-1] if n % 2 else MODES:  # which document answers first alternates
+                turn += 1
+                for mode in MODES[::-1] if turn % 2 == 0 else MODES:  # which one answers first alternates
                     doc = docs[mode]
                     key = Keystroke("languages", line, target.cursor, end, "", target.cursor)
                     latency, text = await server.keystroke(doc, key, trigger=INVOKED)
