@@ -17,6 +17,8 @@ from lsp_server.engine_process import HANG_TIMEOUT_S
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
 BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory", "languages")  # each a module bench.<suite> with main(argv)
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """What a command reports as `superpie: error: ...`. The model's modules are imported only by the commands
     that load it (`serve` runs the model in its engine process and stays small without them)."""

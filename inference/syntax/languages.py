@@ -77,6 +77,7 @@ PYTHON_COMPOUND = frozenset({
     "match_statement", "case_clause",
 })
 
+
 def _braces(name: str, lexicon: Lexicon, module: str, function: str = "language") -> Language:
     """A language of `{ }` blocks; a block left open is often an error to tree-sitter, so an error continues."""
     return Language(name, lexicon, (module, function), error_continues=True, confirmed=_BRACE_CONFIRMED)
@@ -128,10 +129,6 @@ def _grammar(module: str, function: str) -> tree_sitter.Language | None:
     except (ImportError, AttributeError, ValueError) as err:  # a missing or incompatible wheel: text rules
         log.warning("tree-sitter grammar %s.%s unavailable (%s); using the text rules", module, function, err)
         return None
-
-
-def has_grammar(language: Language) -> bool:
-    return language.grammar is not None and _grammar(*language.grammar) is not None
 
 
 def parse(language: Language, source: bytes) -> tree_sitter.Tree | None:

@@ -61,7 +61,6 @@ class CursorContext:
     """What the stopping rules need to know about the text around the cursor."""
 
     language: Language
-    lexicon: Lexicon
     line_prefix: str  # the cursor line before the cursor
     line_suffix: str  # the cursor line after the cursor, without its line break
     next_line: str  # the first non-blank line after the cursor line, without trailing whitespace ("" if none)
@@ -72,6 +71,10 @@ class CursorContext:
     block_indent: int | None  # indentation of the block opener whose empty body the cursor is in
     opener_text: str  # the prefix from the opener's first line to the cursor ("" if no opener)
     scope: Scope  # "multi" in an empty block body (nothing indented below its header), else "single"
+
+    @property
+    def lexicon(self) -> Lexicon:
+        return self.language.lexicon
 
 
 def _window_start(lex: Lexicon, prefix: str, line_start: int) -> int:
@@ -111,7 +114,7 @@ def _python_header_start(prefix: str, colon_line: int) -> int:
     return colon_line
 
 
-def _opener(lex: Lexicon, language: Language, prefix: str, window: int, state: CodeState) -> int | None:
+def _opener(language: Language, prefix: str, window: int, state: CodeState) -> int | None:
     """Where the line of the block opener that the cursor follows (only blank lines or comments between) starts in
     `prefix`, or None. Indented blocks (Python) ask tree-sitter; brace blocks end their line with the opener."""
     code = prefix.rstrip()
@@ -128,7 +131,8 @@ def _opener(lex: Lexicon, language: Language, prefix: str, window: int, state: C
         if line.endswith(":") and first_word(line.lstrip(), True) in PYTHON_COMPOUND_WORDS:
             return line_start
         return None
-    if code.endswith(lex.block_opener) and state.brackets.endswith(lex.block_opener):
+    opener = language.lexicon.block_opener
+    if code.endswith(opener) and state.brackets.endswith(opener):
         return code.rfind("\n") + 1
     return None
 
@@ -164,8 +168,8 @@ def cursor_context(prefix: str, suffix: str, language: str = "python") -> Cursor
 
     block_indent, opener_text, scope = None, "", "single"
     if state.in_code and not line_suffix.strip():
-        opener = _opener(lex, spec, prefix, window, state)
+        opener = _opener(spec, prefix, window, state)
         if opener is not None and _block_is_empty(lex, rest, indent_of(prefix[opener:])):
             block_indent, opener_text, scope = indent_of(prefix[opener:]), prefix[opener:], "multi"
-    return CursorContext(spec, lex, line_prefix, line_suffix, next_line.rstrip(), line_state, state,
+    return CursorContext(spec, line_prefix, line_suffix, next_line.rstrip(), line_state, state,
                          suffix_closer, suffix_line_closers, block_indent, opener_text, scope)

@@ -7,7 +7,6 @@ from inference.syntax.lexer import OPENER_OF, CodeState, advance, escaped, first
 from inference.syntax.scope import CursorContext, Scope, cursor_context
 
 
-
 def _before_line(text: str, start: int) -> int:
     """Characters to keep to end the completion before the line at `start`: trailing blank lines go too."""
     return len(text[:start].rstrip())
