@@ -17,7 +17,8 @@ Reported per language and rules (`rules` / `text`): exact match of the first lin
 line, its mean edit similarity (difflib ratio), suffix duplications (the completion, or its first line, ends with
 what follows the cursor or repeats the next line: `inference.syntax.finish.repeated_suffix`, with the file's
 language for both documents), lines whose bracket balance ((), [] and {} opened minus closed, outside strings and
-comments) differs from the real line's, empty answers and the latency p50 (from the write to the answer).
+comments) differs from the real line's (and how many of those agree with the real line up to the first bracket of
+either: the same call or clause, closed differently; the others are another statement), empty answers and the latency p50 (from the write to the answer).
 
     superpie bench languages [--data DIR] [--limit N] [--json OUT] [--model M] [--cache DIR] [--no-settle]
 """
@@ -99,22 +100,37 @@ def language_targets(files: list[SourceFile], limit: int, seed: int = SEED) -> l
 
 # -- measures -------------------------------------------------------------------------------------------------------
 
-def bracket_balance(line: str, language: str) -> tuple[int, ...]:
-    """Per kind of bracket, ( [ {, how many the line opens minus how many it closes, outside its strings and
-    comments."""
+def _code_brackets(line: str, language: str) -> list[int]:
+    """Where the line's brackets are, outside its strings and comments."""
     lex = language_of(language).lexicon
-    balance = dict.fromkeys("([{", 0)
-    state, at = CodeState(), 0
+    state, at, out = CodeState(), 0, []
     for i, ch in enumerate(line):
         if ch not in "()[]{}":
             continue
         state, _ = advance(lex, line, state, at, i)
         if state.in_code:
-            for opener, closer in BRACKETS:
-                balance[opener] += (ch == opener) - (ch == closer)
+            out.append(i)
         state, _ = advance(lex, line, state, i, i + 1)
         at = i + 1
+    return out
+
+
+def bracket_balance(line: str, language: str) -> tuple[int, ...]:
+    """Per kind of bracket, ( [ {, how many the line opens minus how many it closes, outside its strings and
+    comments."""
+    balance = dict.fromkeys("([{", 0)
+    for i in _code_brackets(line, language):
+        for opener, closer in BRACKETS:
+            balance[opener] += (line[i] == opener) - (line[i] == closer)
     return tuple(balance.values())
+
+
+def same_start(line: str, expected: str, language: str) -> bool:
+    """The two lines agree up to the first bracket of either (the same call, subscript or clause: where the syntax
+    rules decide what is closed; a different statement is the model's choice, not theirs)."""
+    line, expected = line.strip(), expected.strip()
+    firsts = [(b[0] if b else len(x)) for x in (line, expected) for b in [_code_brackets(x, language)]]
+    return line[:firsts[0] + 1] == expected[:firsts[1] + 1]
 
 
 def similarity(a: str, b: str) -> float:
@@ -132,10 +148,12 @@ def duplicates_suffix(text: str, target: Target) -> bool:
 def measure(text: str, target: Target) -> dict[str, Any]:
     """One answer against the real line."""
     predicted, expected = first_line(text), target.expected.strip()
-    return {"first_line": text.split("\n", 1)[0], "exact": predicted == expected,
+    first = text.split("\n", 1)[0]
+    mismatch = bracket_balance(first, target.source) != bracket_balance(target.expected, target.source)
+    return {"first_line": first, "exact": predicted == expected,
             "similarity": round(similarity(predicted, expected), 4), "duplicated": duplicates_suffix(text, target),
-            "bracket_mismatch": bracket_balance(text.split("\n", 1)[0], target.source) != bracket_balance(
-                target.expected, target.source),
+            "bracket_mismatch": mismatch, "bracket_mismatch_same_start": mismatch and same_start(
+                first, target.expected, target.source),
             "empty": not text.strip()}
 
 
@@ -154,6 +172,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "similarity": round(statistics.mean(r["similarity"] for r in group), 4),
                 "duplicated": sum(r["duplicated"] for r in group),
                 "bracket_mismatch": sum(r["bracket_mismatch"] for r in group),
+                "bracket_mismatch_same_start": sum(r["bracket_mismatch_same_start"] for r in group),
                 "empty": sum(r["empty"] for r in group),
                 "p50_ms": round(percentile([r["latency_ms"] for r in group], 0.5), 1)}
     return out
@@ -163,6 +182,7 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     """Markdown, one row per language: each cell `rules / text`."""
     columns = (("n", "n", "{}"), ("exact", "exact", "{:.2f}"), ("similarity", "edit similarity", "{:.2f}"),
                ("duplicated", "suffix duplications", "{}"), ("bracket_mismatch", "bracket balance differs", "{}"),
+               ("bracket_mismatch_same_start", "of which the same start", "{}"),
                ("empty", "empty", "{}"), ("p50_ms", "p50 ms", "{:.0f}"))
     lines = ["| language | " + " | ".join(f"{title} (rules / text)" for _, title, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]

@@ -34,6 +34,7 @@ from bench.languages import (
     format_table,
     language_targets,
     measure,
+    same_start,
     summarize,
     target_lines,
 )
@@ -105,9 +106,24 @@ def test_measure_exact_similarity_and_brackets() -> None:
     assert right["first_line"] == "if len(words) == 0 {"
     close = measure("if len(words) == 0 {}", target)  # closed on its line: the balance differs
     assert not close["exact"] and 0.9 < close["similarity"] < 1.0 and close["bracket_mismatch"]
+    assert close["bracket_mismatch_same_start"]  # the same clause, closed on its line
+    other = measure("return strings.Join(words, sep)", target)  # another statement, balanced
+    assert other["bracket_mismatch"] and not other["bracket_mismatch_same_start"]
     empty = measure("", target)
     assert empty["empty"] and not empty["exact"] and empty["similarity"] == 0.0 and empty["bracket_mismatch"]
     assert measure("  if len(words) == 0 {  ", target)["exact"]  # compared stripped
+
+
+@pytest.mark.parametrize("line, expected, same", [
+    ("t.Union[]", "t.Union[", True),
+    ("foo(a, b)", "foo(", True),
+    ("foo(a)", "bar(a", False),
+    ("x = 1", "x = 1 + (", False),  # the real line has a bracket where the other has none
+    ('s = "(" + f(', 's = "(" + g(', False),  # a bracket inside a string is not the first bracket
+    ('s = "(" + f(', 's = "(" + f(x)', True),
+])
+def test_same_start_is_agreement_up_to_the_first_bracket(line: str, expected: str, same: bool) -> None:
+    assert same_start(line, expected, "python") is same
 
 
 def test_a_completion_repeating_the_next_line_is_a_suffix_duplication() -> None:
@@ -121,7 +137,7 @@ def test_a_completion_repeating_the_next_line_is_a_suffix_duplication() -> None:
 
 def test_summary_and_table() -> None:
     rows = [{"language": lang, "mode": mode, "exact": exact, "similarity": sim, "duplicated": dup,
-             "bracket_mismatch": brackets, "empty": False, "latency_ms": ms}
+             "bracket_mismatch": brackets, "bracket_mismatch_same_start": False, "empty": False, "latency_ms": ms}
             for lang, mode, exact, sim, dup, brackets, ms in [
                 ("go", "rules", True, 1.0, False, False, 100.0), ("go", "rules", False, 0.5, True, True, 300.0),
                 ("go", "text", False, 0.25, True, False, 200.0), ("go", "text", False, 0.75, True, True, 400.0),
@@ -129,11 +145,12 @@ def test_summary_and_table() -> None:
     summary = summarize(rows)
     assert list(summary) == ["python", "go", "all"]  # in LANGUAGES' order, then all of them
     assert summary["go"]["rules"] == {"n": 2, "exact": 0.5, "similarity": 0.75, "duplicated": 1,
-                                      "bracket_mismatch": 1, "empty": 0, "p50_ms": 200.0}
+                                      "bracket_mismatch": 1, "bracket_mismatch_same_start": 0, "empty": 0,
+                                      "p50_ms": 200.0}
     assert summary["go"]["text"]["duplicated"] == 2 and summary["go"]["text"]["similarity"] == 0.5
     assert summary["all"]["rules"]["n"] == 3 and summary["all"]["text"]["exact"] == round(1 / 3, 4)
     table = format_table(summary)
-    assert "| go | 2 / 2 | 0.50 / 0.00 | 0.75 / 0.50 | 1 / 2 | 1 / 1 | 0 / 0 | 200 / 300 |" in table
+    assert "| go | 2 / 2 | 0.50 / 0.00 | 0.75 / 0.50 | 1 / 2 | 1 / 1 | 0 / 0 | 0 / 0 | 200 / 300 |" in table
     assert table.count("\n") == 4 and MODES == ("rules", "text")
 
 

@@ -330,6 +330,63 @@ def test_hover_shows_the_drafts(editor: Editor, to_type: Typing) -> None:
     assert first_line and hover and first_line in hover, (draft, hover)
 
 
+# A Go file, tab-indented, its last function left open: `Go` on its last line indents the new line by one tab.
+GO_SAMPLE = ("package sample\n\nfunc add(a, b int) int {\n\treturn a + b\n}\n\n"
+             "func scale(values []int, factor int) []int {\n\tresult := make([]int, 0, len(values))\n")
+GO_INDENT = "\t"
+# No `}`, `)` or `:` (Go's indentkeys re-indent the line on those).
+GO_CANDIDATES = ("return res", "return result", "return", "result", "values", "factor", "for", "if", "x = ",
+                 "result = append(", "fmt.Println(", "scale(", "add(", "var x int", "return values", "panic(")
+
+
+@dataclass(frozen=True)
+class GoTyping:
+    statement: str
+    text: str
+    draft: str  # the best as-you-type draft there
+
+
+def _go_shortcoming(model: Any, statement: str, automatic: CompletionOptions) -> tuple[str | None, GoTyping]:
+    cursor = len(GO_SAMPLE) + len(GO_INDENT)
+    completer, before = typed(model, GO_SAMPLE, cursor, statement, automatic,
+                              first=TextEdit(len(GO_SAMPLE), len(GO_SAMPLE), GO_INDENT + "\n"), language="go")
+    text, offset = completer.text("probe"), cursor + len(statement)
+    drafts = suggestion_texts(completer, offset, automatic)
+    found = GoTyping(statement, text, drafts[0] if drafts else "")
+    if near_tie(model, text, offset, [(automatic, drafts)], language="go"):
+        return "its drafts change with how they are computed (a near-tie)", found
+    if (reason := runs_through(statement, before)) is not None:
+        return reason, found
+    if not drafts or not drafts[0].split("\n")[0].strip():
+        return f"the drafts {drafts!r} have no best one with a non-blank first line", found
+    return None, found
+
+
+@pytest.fixture(scope="module")
+def go_to_type(tiny_model: Any) -> GoTyping:
+    automatic = request_options(SETTINGS, invoked=False)
+    return first_suitable(GO_CANDIDATES, lambda statement: _go_shortcoming(tiny_model, statement, automatic),
+                          "the Neovim Go test")
+
+
+def test_a_go_file_gets_the_go_rules_and_ghost_text(editor: Editor, go_to_type: GoTyping, tmp_path: Path) -> None:
+    """The plugin attaches to any filetype and sends its languageId; the server reads the Go buffer with Go's
+    rules (tree-sitter), and its tab indentation reaches the server as typed."""
+    source = tmp_path / "scale.go"
+    source.write_text(GO_SAMPLE)
+    editor.nvim.command(f"edit {source}")
+    assert editor.nvim.current.buffer.options["filetype"] == "go"
+    editor.keys("Go")
+    editor.keys(go_to_type.statement)
+    assert editor.line() == GO_INDENT + go_to_type.statement, "Neovim indented the line otherwise than expected"
+    shown = wait_for("ghost text in the Go buffer", editor.shown)
+    document = (editor.stats(with_buffer=True) or {}).get("document") or {}
+    assert document.get("syntax") == "go (tree-sitter)", document
+    assert document.get("sha256") == hashlib.sha256(go_to_type.text.encode()).hexdigest(), (document, go_to_type)
+    assert editor.ghost()["items"][:1] == [go_to_type.draft], "the ghost text is the server's best draft here"
+    assert shown == as_displayed(go_to_type.draft)
+
+
 def test_checkhealth_reports_the_server_and_model(editor: Editor) -> None:
     editor.nvim.command("checkhealth superpie")
     report = "\n".join(editor.nvim.current.buffer[:])

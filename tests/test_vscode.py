@@ -37,16 +37,36 @@ NODE_BIN = CLIENTS / "toolchain" / "node_modules" / ".bin"
 CHROMIUM = os.environ.get("SUPERPIE_CHROMIUM", "/usr/bin/chromium")
 REQUIRED = os.environ.get("SUPERPIE_REQUIRE_EDITORS") == "1"
 SCREENSHOTS = os.environ.get("SUPERPIE_SCREENSHOTS")  # a folder: keep the e2e screenshot there
-SAMPLE = "def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n    result = []\n"
 # The superpie.* settings the driver gives VS Code. One line (scope single): the ghost text is then one
 # inline decoration whose text the driver can read.
 SETTINGS = {"maxTokens": 12, "scope": "single"}
-# What to type on SAMPLE's last (empty) line, tried in order. Brackets and quotes are fine (the driver turns
-# auto-closing off); tabs are not (VS Code would indent instead).
-CANDIDATES = tuple("    " + statement for statement in (
-    "return res", "return result", "return values", "result", "values", "factor", "x = ", "for value in values",
-    "result.append(", "print(", "scale(", "add(", "if", "while", "del", "y = a", "assert", "import", "factor = 2",
-))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A file to open, and what to type on its last (empty) line, tried in order. Brackets and quotes are fine
+    (the driver turns auto-closing off); tabs are not (VS Code would indent instead)."""
+
+    file: str
+    language: str  # the LSP languageId VS Code gives the file
+    text: str
+    candidates: tuple[str, ...]
+
+
+SAMPLES = {
+    "python": Sample("sample.py", "python", "def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n"
+                     "    result = []\n", tuple("    " + statement for statement in (
+                         "return res", "return result", "return values", "result", "values", "factor", "x = ",
+                         "for value in values", "result.append(", "print(", "scale(", "add(", "if", "while", "del",
+                         "y = a", "assert", "import", "factor = 2"))),
+    # A second language: VS Code sends its own languageId, and the server reads the file with that language's rules.
+    "typescript": Sample("sample.ts", "typescript", "export function add(a: number, b: number): number {\n"
+                         "    return a + b;\n}\n\nexport function scale(values: number[], factor: number): number[] {\n"
+                         "    const result: number[] = [];\n", tuple("    " + statement for statement in (
+                             "return res", "return result", "return values", "result", "values", "factor",
+                             "const x = ", "for (const v of values", "result.push(", "console.log(", "scale(", "add(",
+                             "if", "while", "let y = a", "throw"))),
+}
 
 
 def _missing() -> str | None:
@@ -108,20 +128,21 @@ def test_the_vsix_holds_only_the_bundle_and_its_manifest(vsix: Path) -> None:
 
 @dataclass(frozen=True)
 class Typing:
-    """What to type on SAMPLE's last line, and the server's as-you-type draft once it is typed (in-process)."""
+    """What to type on the sample's last line, and the server's as-you-type draft once it is typed (in-process)."""
 
+    sample: Sample
     typed: str
     draft: str
 
 
-def _shortcoming(model: Any, keys: str, options: CompletionOptions) -> tuple[str | None, Typing]:
-    """Why typing `keys` at the end of SAMPLE does not suit the test (None: it does), and the best draft there."""
-    completer, before = typed(model, SAMPLE, len(SAMPLE), keys, options)
-    text = SAMPLE + keys
+def _shortcoming(model: Any, sample: Sample, keys: str, options: CompletionOptions) -> tuple[str | None, Typing]:
+    """Why typing `keys` at the end of the sample does not suit the test (None: it does), and the best draft there."""
+    completer, before = typed(model, sample.text, len(sample.text), keys, options, language=sample.language)
+    text = sample.text + keys
     assert completer.text("probe") == text
     drafts = suggestion_texts(completer, len(text), options)
-    found = Typing(keys, drafts[0] if drafts else "")
-    if near_tie(model, text, len(text), [(options, drafts)]):
+    found = Typing(sample, keys, drafts[0] if drafts else "")
+    if near_tie(model, text, len(text), [(options, drafts)], language=sample.language):
         return "its drafts change with how they are computed (a near-tie)", found
     if (reason := runs_through(keys, before)) is not None:
         return reason, found
@@ -132,21 +153,24 @@ def _shortcoming(model: Any, keys: str, options: CompletionOptions) -> tuple[str
     return None, found
 
 
-@pytest.fixture(scope="module")
-def to_type(tiny_model: Any) -> Typing:
-    """The first of CANDIDATES on which, on this machine, the server's best draft is non-blank and printable,
-    and no draft from before the last keystroke already starts with the rest of what is typed."""
+@pytest.fixture(scope="module", params=list(SAMPLES))
+def to_type(request: pytest.FixtureRequest, tiny_model: Any) -> Typing:
+    """The first of the sample's candidates on which, on this machine, the server's best draft is non-blank and
+    printable, and no draft from before the last keystroke already starts with the rest of what is typed."""
+    sample = SAMPLES[request.param]
     options = request_options(SETTINGS, invoked=False)  # VS Code asks as you type
-    return first_suitable(CANDIDATES, lambda keys: _shortcoming(tiny_model, keys, options), "the VS Code test")
+    return first_suitable(sample.candidates, lambda keys: _shortcoming(tiny_model, sample, keys, options),
+                          f"the VS Code test ({sample.language})")
 
 
 def test_vsix_installs_and_tab_accepts_the_ghost_text(vsix: Path, tmp_path: Path, tiny_gguf: Path,
                                                        tiny_cache: Path, to_type: Typing) -> None:
     _skip_or_fail(_missing_e2e())
-    screenshot = tmp_path / "vscode-ghost-text.png"
+    suffix = "" if to_type.sample.language == "python" else f"-{to_type.sample.language}"
+    screenshot = tmp_path / f"vscode-ghost-text{suffix}.png"  # editor-clients/README.md shows the Python one
     command = [str(NODE_BIN / "node"), str(E2E / "run.mjs"), "--vsix", str(vsix), "--python", sys.executable,
                "--model", str(tiny_gguf), "--cache", str(tiny_cache), "--work", str(tmp_path / "work"),
-               "--sample", SAMPLE, "--typed", to_type.typed, "--settings", json.dumps(SETTINGS),
+               "--file", to_type.sample.file, "--sample", to_type.sample.text, "--typed", to_type.typed, "--settings", json.dumps(SETTINGS),
                "--expect", to_type.draft,
                "--screenshot", str(screenshot), "--chromium", CHROMIUM, "--timeout-s", "150"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
@@ -160,7 +184,10 @@ def test_vsix_installs_and_tab_accepts_the_ghost_text(vsix: Path, tmp_path: Path
     assert report["ghostLines"] == 0, "scope=single must give a one-line draft"
     # Tab inserted exactly the ghost text after what was typed, and Ctrl+S saved it.
     assert report["afterTab"] == typed + ghost, report
-    assert on_disk == SAMPLE + typed + ghost, (typed, ghost, on_disk)
+    assert on_disk == to_type.sample.text + typed + ghost, (typed, ghost, on_disk)
+    rules = [line for line in report["syntaxRules"] if line.split(": ")[0].endswith("/" + to_type.sample.file)]
+    assert rules and all(line.endswith(f": syntax rules {to_type.sample.language} (tree-sitter)") for line in rules), (
+        report["syntaxRules"])
     assert "superpie: ready" in (report.get("statusBar") or ""), report.get("statusBar")
     assert screenshot.exists()
     if SCREENSHOTS:

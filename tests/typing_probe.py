@@ -30,12 +30,12 @@ def suggestion_texts(completer: Completer, offset: int, options: CompletionOptio
 
 
 def typed(model: Any, opened: str, cursor: int, keys: str, options: CompletionOptions,
-          first: TextEdit | None = None) -> tuple[Completer, list[list[str]]]:
-    """The server's way there: `opened` opened and encoded, the `first` edit (e.g. a new line), then `keys`
-    typed one at a time at `cursor`. Returns the completer after the last key, and the drafts an as-you-type
-    request gets before each key (an editor may ask after any keystroke)."""
+          first: TextEdit | None = None, language: str = "python") -> tuple[Completer, list[list[str]]]:
+    """The server's way there: `opened` opened (as a document in `language`, an LSP id) and encoded, the `first`
+    edit (e.g. a new line), then `keys` typed one at a time at `cursor`. Returns the completer after the last key,
+    and the drafts an as-you-type request gets before each key (an editor may ask after any keystroke)."""
     completer = Completer(model)
-    completer.open("probe", opened)
+    completer.open("probe", opened, language)
     while completer.refresh_step():
         pass
     if first is not None:
@@ -47,12 +47,13 @@ def typed(model: Any, opened: str, cursor: int, keys: str, options: CompletionOp
     return completer, before
 
 
-def near_tie(model: Any, text: str, offset: int, expected: list[tuple[CompletionOptions, list[str]]]) -> bool:
+def near_tie(model: Any, text: str, offset: int, expected: list[tuple[CompletionOptions, list[str]]],
+             language: str = "python") -> bool:
     """Whether the drafts change with how they are computed: opened fresh (other batch shapes), and decoded
     greedily instead of speculatively. On a near-tie between two tokens rounding could pick either, and the
     server's path differs from the probe's in such details."""
     fresh = Completer(model)
-    fresh.open("probe", text)
+    fresh.open("probe", text, language)
     return any(suggestion_texts(fresh, offset, options) != drafts
                or suggestion_texts(fresh, offset, replace(options, speculative=False)) != drafts
                for options, drafts in expected)

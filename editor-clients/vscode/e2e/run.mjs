@@ -1,13 +1,13 @@
 // End-to-end test of the packaged extension in a real VS Code: code-server on loopback, driven in
-// Debian's Chromium by playwright-core. Installs the .vsix, opens a Python file, types at its end, waits
+// Debian's Chromium by playwright-core. Installs the .vsix, opens a file (Python unless --file says otherwise), types at its end, waits
 // for superpie's ghost text to settle, presses Tab, saves, and prints one JSON line with what it saw.
 // tests/test_vscode.py runs it and checks the file on disk. Run it with Node 24 (editor-clients/toolchain).
 //
 // node run.mjs --vsix X.vsix --python .venv/bin/python --model tiny.gguf --cache DIR --work DIR
-//              [--sample TEXT] [--typed TEXT] [--settings JSON] [--expect TEXT]
+//              [--file NAME] [--sample TEXT] [--typed TEXT] [--settings JSON] [--expect TEXT]
 //              [--screenshot OUT.png] [--chromium /usr/bin/chromium] [--timeout-s 120]
 //
-// --sample: the text of the file to open; --typed: what to type on its last (empty) line; --settings: the
+// --file: the name of the file to open (its extension gives VS Code the language); --sample: its text; --typed: what to type on its last (empty) line; --settings: the
 // superpie.* settings the server gets (camelCase keys); --expect: the ghost text to wait for (the test
 // computes the server's draft in-process: what a random-weight model says depends on the CPU).
 import { spawn, spawnSync } from 'node:child_process';
@@ -31,6 +31,7 @@ const { values: args } = parseArgs({
         screenshot: { type: 'string' },
         chromium: { type: 'string', default: '/usr/bin/chromium' },
         'timeout-s': { type: 'string', default: '120' },
+        file: { type: 'string', default: 'sample.py' },
         sample: { type: 'string', default: 'def add(a, b):\n    return a + b\n\n\ndef scale(values, factor):\n    result = []\n' },
         typed: { type: 'string', default: '    return res' },
         // One line (scope single): the ghost text is then one inline decoration whose text the test can compare.
@@ -64,7 +65,7 @@ const serverLog = join(args.work, 'superpie-server.log');
 for (const dir of [join(userData, 'User'), extensions, workspace]) {
     mkdirSync(dir, { recursive: true });
 }
-const source = join(workspace, 'sample.py');
+const source = join(workspace, args.file);
 writeFileSync(source, args.sample);
 writeFileSync(
     join(userData, 'User', 'settings.json'),
@@ -203,8 +204,10 @@ try {
     await page.locator('.monaco-workbench').click({ position: { x: 600, y: 300 } });
     await page.keyboard.press(`${modifier}+P`);
     await page.waitForSelector('.quick-input-widget input', { state: 'visible' });
-    await page.keyboard.type('sample.py');
-    await page.waitForSelector('.quick-input-list .monaco-list-row[aria-label*="sample.py"]', { timeout: remaining() });
+    await page.keyboard.type(args.file);
+    await page.waitForSelector(`.quick-input-list .monaco-list-row[aria-label*=${JSON.stringify(args.file)}]`, {
+        timeout: remaining(),
+    });
     await page.keyboard.press('Enter');
     const editor = page.locator('.editor-instance .monaco-editor').first();
     await editor.waitFor({ timeout: remaining() });
@@ -298,7 +301,10 @@ try {
     codeServerProcess.kill('SIGTERM');
 }
 try {
-    result.serverLog = readFileSync(serverLog, 'utf8').split('\n').slice(-15).join('\n');
+    const log = readFileSync(serverLog, 'utf8').split('\n');
+    result.serverLog = log.slice(-15).join('\n');
+    // Which syntax rules the server chose for each document: the languageId VS Code sent decides.
+    result.syntaxRules = log.filter((line) => line.includes(': syntax rules ')).map((line) => line.split(': ').slice(-2).join(': '));
 } catch {
     result.serverLog = '(no server log)';
 }
