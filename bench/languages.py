@@ -8,8 +8,10 @@ language. A target line is emptied after its indentation.
 A real `superpie serve` with its default settings (no saved buffers) opens each file twice: under its languageId
 (the syntax rules apply) and, as the baseline in the same run, under "plaintext" at another URI, the path plus
 `.text-rules` (the server would take the language from the file's extension): the text rules apply. Both documents
-are encoded before the file's first target (`--no-settle`: not waited for, so cold answers from the 256 tokens
-before the cursor). Per target and document: a didChange that empties the line, an Invoked inline request at its
+are encoded before the file's first target, and the server is quiet again (the restored rows refreshed) before
+each target, so that both documents answer from the same rows and what differs is the rules alone; without it
+near-ties between drafts went one way or the other with the idle work's timing (`--no-settle`: not waited for,
+so cold answers from the 256 tokens before the cursor). Per target and document: a didChange that empties the line, an Invoked inline request at its
 cursor written with it, the first item's text, and a didChange that restores the line. The two documents take
 turns, target by target (which one goes first alternates).
 
@@ -219,6 +221,8 @@ async def _run(model: str, cache: Path | None, files: list[SourceFile], targets:
             if settle:
                 settled[file.name] = round(await server.wait_quiet(), 1)
             for target in mine:
+                if settle:  # both documents back to fully refreshed rows: the modes then start from the same state
+                    settled[file.name] = round(settled[file.name] + await server.wait_quiet(), 1)
                 line = file.text.count("\n", 0, target.cursor)
                 end = target.cursor + len(target.expected)
                 turn += 1

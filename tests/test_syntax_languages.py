@@ -179,6 +179,16 @@ def test_a_string_the_suffix_closes_ends_the_completion(language, prefix, suffix
     ("rust", "    let v = ", "vec![f(1", "vec![f(1)]"),
     ("c", "    int n = ", "max(a, \"(\"", "max(a, \"(\")"),  # the string's bracket is not closed
     ("java", "        ", "list.add(x); // (", "list.add(x); // ("),
+    # a line that goes on below: a macro's continuation, an operator, a member access
+    ("cpp", "", "struct op_impl<L, R> {   \\", "struct op_impl<L, R> {   \\"),
+    ("c", "    ", "if ((a || b) &&", "if ((a || b) &&"),
+    ("python", "    x = ", "f(a +", "f(a +"),
+    ("javascript", "    ", "items.map((x) =>", "items.map((x) =>"),
+    ("rust", "    ", "let y = f(p.", "let y = f(p."),
+    ("typescript", "const x = ", "{ a:", "{ a:"),
+    # ... and lines that end: a postfix operator, a type
+    ("c", "    ", "f(i++", "f(i++)"),
+    ("cpp", "    auto v = ", "make(std::vector<int>", "make(std::vector<int>)"),
 ])
 def test_finish_closes_only_what_the_line_ends(language, prefix, text, expected):
     assert finish(text, prefix, "\n", language) == expected

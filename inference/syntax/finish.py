@@ -3,6 +3,8 @@ own brackets closed, no trailing blank lines."""
 
 from __future__ import annotations
 
+import re
+
 from inference.syntax.lexer import CLOSER_OF, advance, closing_events, escaped, is_word
 from inference.syntax.scope import CursorContext, cursor_context
 
@@ -74,18 +76,21 @@ def _drop_provided_closer(text: str, ctx: CursorContext) -> str:
     return text[:at] if closer == ctx.suffix_closer else text
 
 
-CONTINUED_BY = tuple(CLOSER_OF) + (",",)  # a line ending in one of these goes on below: `t.Union[`, `if x {`, `f(a,`
+# A line ending in one of these goes on below, so its brackets stay open: an opener or a comma (`t.Union[`,
+# `if x {`, `f(a,`), a line continuation (a C macro's `\`), a member access or a binary operator (`x.`, `p->`,
+# `if (a &&`, `f(x +`, `(a) =>`, `{k:`; not `i++`, `i--`, nor `>`, `*` or `&`, which also end types: `vector<int>`)
+CONTINUED_BY = re.compile(r"(?:[([{,\\.:<=/%|^?~]|&&|=>|->|(?<![+-])[+-]|\b(?:and|or|not|in|is))\s*$")
 
 
 def _close_brackets(text: str, ctx: CursorContext) -> str:
     """Close the brackets the completion opened and left open, unless the cursor line's suffix has closers to spare
     for them (more than the brackets open before the cursor need), or the completion ends where the code goes on
-    below (an opening bracket or a comma: the model was stopped at that line break, and `t.Union[]` or `if x {}`
-    would be wrong)."""
+    below (CONTINUED_BY: the model was stopped at that line break, and `t.Union[]` or `if x {}` would be
+    wrong)."""
     _, end, low = closing_events(ctx.lexicon, text, ctx.state)
     if not end.in_code:
         return text  # inside a string or comment the completion opened: a closer would land in it
-    if text.rstrip().endswith(CONTINUED_BY):
+    if CONTINUED_BY.search(text):
         return text
     opened = end.brackets[low:]  # outermost first
     spare = max(0, ctx.suffix_line_closers - low)
