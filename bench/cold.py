@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine import machine_info, peak_rss_mb, write_json
+from bench.engine import machine_info, peak_rss_mb, save_results
 from bench.lsp import (AUTOMATIC, REQUEST_TIMEOUT_S, STDLIB, BenchServer, code_lines, lsp_position,
                        multiline_string_lines)
 from bench.pie import DEFAULT_DATA, format_table, load_records
@@ -266,8 +266,7 @@ def run_cold_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None, jso
         print(format_table(summary["windows"], ("n", "exact", "agrees_with_full", "p50_s", "p90_s",
                                                 "full_over_this_p50")))
     path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
     return summary
 
 

@@ -385,11 +385,17 @@ def cpu_description() -> dict[str, Any]:
     return {"cpu": model, "cpu_features": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})}
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(load_before: Sequence[float] | None = None) -> dict[str, Any]:
+    """The CPU and runtime; with `load_before` (os.getloadavg() at the run's start), the load averages before and
+    now: the machines are shared."""
     import onnxruntime
 
-    return {"cpus": os.cpu_count(), **cpu_description(), "onnxruntime": onnxruntime.__version__,
+    info = {"cpus": os.cpu_count(), **cpu_description(), "onnxruntime": onnxruntime.__version__,
             "python": sys.version.split()[0], "superpie_threads": os.environ.get("SUPERPIE_THREADS")}
+    if load_before is not None:
+        info.update(load_avg_before=[round(x, 2) for x in load_before],
+                    load_avg_after=[round(x, 2) for x in os.getloadavg()])
+    return info
 
 
 def table_rows(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -439,6 +445,12 @@ def write_json(summary: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def save_results(summary: dict[str, Any], path: Path) -> None:
+    """write_json, and say where."""
+    write_json(summary, path)
+    print(f"wrote {path}")
+
+
 def run_engine_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, cache: Path | None = None,
                      quick: bool = False, speed_sources: Sequence[Path] | None = None,
                      quality_source: Path | None = None, quantizations: Sequence[str] = (DEFAULT_QUANTIZATION,),
@@ -476,8 +488,7 @@ def run_engine_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None
     if profile:
         print(format_profile(runs))
     path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
     return summary
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cold import Target, _emptied, first_line
-from bench.engine import machine_info, write_json
+from bench.engine import machine_info, save_results
 from bench.language_sources import (
     LANGUAGES,
     SOURCES,
@@ -267,8 +267,7 @@ def run_languages_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
         "model": model,
         "settings": {"limit": limit, "seed": SEED, "trigger": "invoked", "server_settings": "defaults",
                      "settle": settle, "baseline": "the same file under languageId plaintext (text rules)"},
-        "machine": {**machine_info(), "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine_info(load_before),
         "sources": [{k: v for k, v in asdict(s).items() if k != "root"} for s in SOURCES
                     if pinned and s.language in languages],
         "files": [{"language": f.language, "name": f.name, "bytes": len(f.text.encode()), "sha256": f.sha256,
@@ -282,8 +281,7 @@ def run_languages_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
           f"{limit} target(s) per language, rules / text (plaintext, the baseline)")
     print(format_table(summary["results"]))
     path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
     return summary
 
 

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine import machine_info, write_json
+from bench.engine import machine_info, save_results
 from inference.registry import DEFAULT_MODEL
 from kv_cache.choices import SPLICE_MODES
 from lsp_server.worker import IDLE_DELAY_S
@@ -637,8 +637,7 @@ def run_lsp_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, c
                      "far_chars": FAR_CHARS},
         "files": [{"name": p.name, "lines": p.original.count("\n"), "characters": len(p.original),
                    "sha256": hashlib.sha256(p.original.encode()).hexdigest()} for p in plans],
-        "machine": {**machine_info(), "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": {**machine_info(load_before),
                     "load_1m_during_median": round(statistics.median(s.load_1m for s in samples), 2)},
         "wall_s": round(time.perf_counter() - t0, 1),
         "goal": {"p50_ms_max": GOAL_P50_MS, "cases": goal},
@@ -650,8 +649,7 @@ def run_lsp_bench(model: str = DEFAULT_MODEL, *, json_out: Path | None = None, c
           f"{1000 * gap_s:.0f} ms between an answer and the next keystroke")
     print(format_table(summary_by_case, modes))
     path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
     return summary
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.engine import machine_info, peak_rss_mb, write_json
+from bench.engine import machine_info, peak_rss_mb, save_results
 from inference.generate import SINGLE_LINE, DecodeRequest, greedy_decode, prefill, vocabulary
 from inference.model_store import LoadedModel, load_model
 from inference.prompt import healed_prompt
@@ -279,8 +279,7 @@ def report(summary: dict[str, Any], title: str, table: str, path: Path) -> None:
     """Print the title and table, write the JSON summary."""
     print(title)
     print(table)
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
 
 
 def main(argv: list[str] | None = None) -> int:

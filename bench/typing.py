@@ -88,7 +88,7 @@ from typing import Any, Protocol
 
 from lsprotocol import types
 
-from bench.engine import machine_info, write_json
+from bench.engine import machine_info, save_results
 from bench.fim import lines_to_type
 from bench.lsp import AUTOMATIC, BenchServer, LspError, OpenDocument, lsp_position, percentile
 from bench.pie import DEFAULT_DATA, edits_parser, load_records
@@ -902,8 +902,7 @@ def run_typing_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, l
     summary = {
         "model": model, "data": str(data), "limit": limit, "interval_ms": round(1000 * interval_s, 3),
         "pause_fraction": PAUSE_FRACTION, "similar_ratio": SIMILAR_RATIO, "superpie_settings": "server defaults",
-        "machine": {**machine_info(), "load_avg_before": [round(x, 2) for x in load_before],
-                    "load_avg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": machine_info(load_before),
         "wall_s": round(time.perf_counter() - t0, 1),
         "lines": [{"record": ln.record, "commit": records[ln.record]["commit"], "path": records[ln.record]["path"],
                    "line": ln.line, "text": ln.text, "mid_pause": ln.mid_pause} for ln in lines],
@@ -915,8 +914,7 @@ def run_typing_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, l
           f"{1000 * interval_s:.0f} ms, {cpu}")
     print(format_table(summary["results"]))
     path = json_out or DEFAULT_JSON
-    write_json(summary, path)
-    print(f"wrote {path}")
+    save_results(summary, path)
     return summary
 
 
