@@ -20,6 +20,8 @@ class TokenHealer:
         usable.sort()
         self._sorted = [b for b, _ in usable]
         self._ids = np.array([i for _, i in usable], dtype=np.int64)
+        # leading ASCII whitespace of each sorted token (bytes.lstrip strips what bytes.isspace accepts)
+        self._space_run = np.array([len(b) - len(b.lstrip()) for b in self._sorted], dtype=np.int64)
         self._by_bytes = {b: i for b, i in usable}
         self._bytes = token_bytes
         self.vocab_size = len(token_bytes)
@@ -33,9 +35,8 @@ class TokenHealer:
         lo = bisect.bisect_left(self._sorted, pending)
         hi = bisect.bisect_left(self._sorted, pending + b"\xff" * 8)
         longer = self._ids[lo:hi]
-        if pending.isspace():
-            n = len(pending)
-            longer = longer[[not self._sorted[j][n:n + 1].isspace() for j in range(lo, hi)]]
+        if pending.isspace():  # those in [lo, hi) start with it: keep the ones whose whitespace ends there
+            longer = longer[self._space_run[lo:hi] == len(pending)]
         shorter = [self._by_bytes[pending[:n]] for n in range(1, len(pending)) if pending[:n] in self._by_bytes]
         return np.concatenate([longer, np.array(shorter, dtype=np.int64)])
 

@@ -35,6 +35,18 @@ def test_healer_never_extends_typed_indentation(tiny_model):
     assert not any(b.startswith(b"   ") or b.startswith(b"  \n") for b in allowed)
 
 
+@pytest.mark.parametrize("pending", [b" ", b"  ", b"    ", b"\t", b"\n", b"\n    ", b" \t\r\x0b\x0c"])
+def test_healer_keeps_exactly_the_tokens_that_end_typed_whitespace(tiny_model, pending):
+    """Against the rule spelled out over the whole vocabulary: a longer token's next byte is not whitespace."""
+    healer = _healer(tiny_model)
+    token_bytes = tiny_model.tokenizer.token_bytes()
+    stop = tiny_model.tokenizer.specials.stop
+    expected = {i for i, b in enumerate(token_bytes) if b and i not in stop and (
+        b.startswith(pending) and not b[len(pending):len(pending) + 1].isspace()
+        or len(b) < len(pending) and pending.startswith(b))}
+    assert set(healer.allowed(pending).tolist()) == expected
+
+
 def test_healer_consumes_pending_bytes(tiny_model):
     healer = _healer(tiny_model)
     space = tiny_model.tokenizer.encode(" ")[0]
