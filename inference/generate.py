@@ -236,16 +236,30 @@ def vocabulary(tokenizer: CodeTokenizer) -> Vocabulary:
     return vocab
 
 
+@dataclass(frozen=True)
+class Hesitation:
+    """The runners-up at one step of a draft, and the draft's state before that step (where a fork starts)."""
+
+    step: int  # tokens emitted before it
+    pending: bytes
+    logprob: float
+    tokens: tuple[int, ...]  # the next likeliest tokens after the one taken, best first
+    logps: tuple[float, ...]
+
+
 class Transcript:
     """One draft's emitted tokens under the rules greedy and speculative decoding share: healing, end of
-    text, the stop rule and the token budget."""
+    text, the stop rule and the token budget. With `runners_up` > 0 it also notes, at every step, that many
+    tokens the model ranked next after the one taken (forked decoding branches there)."""
 
-    def __init__(self, vocab: Vocabulary, request: DecodeRequest) -> None:
+    def __init__(self, vocab: Vocabulary, request: DecodeRequest, runners_up: int = 0) -> None:
         self.vocab, self.request = vocab, request
         self.pending = request.healed
         self.ids: list[int] = []
         self.logprob = 0.0
         self.text_bytes = b""
+        self.runners_up = runners_up
+        self.hesitations: list[Hesitation] = []
 
     @property
     def full(self) -> bool:
@@ -257,12 +271,29 @@ class Transcript:
 
     def take(self, token: int, logp: np.ndarray) -> bool:
         """Emit the greedy token; True when the completion is finished (end of text or the stop rule)."""
+        if self.runners_up:
+            top = np.argpartition(-logp, self.runners_up)[:self.runners_up + 1]
+            top = [int(t) for t in top[np.argsort(-logp[top], kind="stable")] if t != token][:self.runners_up]
+            self.hesitations.append(Hesitation(len(self.ids), self.pending, self.logprob, tuple(top),
+                                               tuple(float(logp[t]) for t in top)))
+        return self._emit(token, float(logp[token]))
+
+    def forked(self, at: Hesitation, token: int, token_logp: float) -> tuple[Transcript, bool]:
+        """A new transcript equal to this one before `at`, then `token` instead of the one taken there; and
+        whether that token finishes it."""
+        fork = Transcript(self.vocab, self.request)
+        fork.ids = self.ids[:at.step]
+        fork.text_bytes = b"".join(self.vocab.token_bytes[t] for t in fork.ids)
+        fork.pending, fork.logprob = at.pending, at.logprob
+        return fork, fork._emit(token, token_logp)
+
+    def _emit(self, token: int, token_logp: float) -> bool:
         if token in self.vocab.eos:
             return True
         if self.pending:
             self.pending = self.vocab.healer.consume(self.pending, token)
         else:
-            self.logprob += float(logp[token])
+            self.logprob += token_logp
         self.ids.append(token)
         self.text_bytes += self.vocab.token_bytes[token]
         stop = self.request.stop

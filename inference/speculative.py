@@ -19,16 +19,18 @@ import heapq
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from inference.drafting import Recycler, lookup_continuations
+from inference.drafting import LOOKUP_MAX_NGRAM, Recycler, lookup_continuations
 from inference.generate import (
     DecodeCache,
     DecodeRequest,
+    Draft,
     GenerationResult,
+    Hesitation,
     Transcript,
     Vocabulary,
     decode_one_token,
@@ -248,43 +250,157 @@ def speculative_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, 
     """greedy_decode's output, token for token, in fewer forwards."""
     t0 = time.perf_counter()
     out = Transcript(vocab, request)
+    stats = _new_stats()
+    _decode_from_logits(decoder, cache, out, logits, drafter, stats)
+    timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(out.ids)), **stats}
+    return GenerationResult([out.draft()], timings)
+
+
+def forked_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
+                  request: DecodeRequest, drafter: Drafter, k: int) -> GenerationResult:
+    """k drafts: draft 1 is greedy's (decoded speculatively), and drafts 2..k fork from it where the model
+    hesitated most.
+
+    A fork takes, at one step of draft 1, a token the model ranked just below the one taken, chosen by the
+    probability of the fork's tokens up to there; it is then continued greedily, speculated from draft 1's
+    own tail as if the fork only changed that token (code that differs in one name or bracket usually
+    rejoins). Forks are decoded latest first: each rewinds the cache to its step, overwriting rows after it
+    that the earlier forks do not need. Drafts come out draft 1 first, then the forks in the order chosen.
+    """
+    t0 = time.perf_counter()
+    length, position = cache.length, cache.position
+    first = Transcript(vocab, request, runners_up=max(k - 1, 1))
+    stats = _new_stats()
+    stopped = _decode_from_logits(decoder, cache, first, logits, drafter, stats)
+    forks = [] if stopped else _choose_forks(first, k - 1)
+    found: dict[int, Draft] = {}
+    for step in sorted({at.step for at, _, _ in forks}, reverse=True):
+        cache.length, cache.position = length + step, position + step
+        group = [(rank, *first.forked(at, token, token_logp), token)
+                 for rank, (at, token, token_logp) in enumerate(forks) if at.step == step]
+        going = [(rank, fork, token) for rank, fork, finished, token in group if not finished and not fork.full]
+        if len(going) == 1:  # alone: speculate, from draft 1's tail as if only this token changed
+            rank, fork, token = going[0]
+            rejoined = [*drafter.context[-LOOKUP_MAX_NGRAM:], *fork.ids, *first.ids[step + 1:]]
+            stopped = _decode_from_token(decoder, cache, fork, token, replace(drafter, corpus=[rejoined, *drafter.corpus]),
+                                         stats)
+        elif going:  # side by side, one row each per forward
+            stopped = _decode_side_by_side(decoder, cache, [fork for _, fork, _ in going],
+                                           [token for _, _, token in going], stats)
+        found.update((rank, fork.draft()) for rank, fork, _, _ in group)
+        stats["forks"] += len(group)
+        if stopped:
+            break
+    drafts = [first.draft(), *(found[rank] for rank in sorted(found))]
+    timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(first.ids)), **stats,
+               "cancelled": float(stopped)}
+    return GenerationResult(drafts, timings)
+
+
+def _decode_side_by_side(decoder: Decoder, cache: DecodeCache, outs: list[Transcript], tokens: list[int],
+                         stats: dict[str, float]) -> bool:
+    """Continue several transcripts greedily in one forward per step, one row each: each sees the cache's rows
+    so far and its own rows after them. `tokens`: each one's last token, not in the cache yet. Returns whether
+    it was cancelled."""
+    base = cache.length
+    own: list[list[int]] = [[] for _ in outs]  # each transcript's rows, counted from base
+    alive = list(range(len(outs)))
+    while alive:
+        if outs[0].request.cancelled(""):
+            stats["cancelled"] = 1.0
+            return True
+        m, rows = len(alive), cache.length
+        row_bias = np.zeros((m, rows), dtype=np.float32)
+        row_bias[:, base:] = NEG_INF
+        new_bias = np.full((m, m), NEG_INF, dtype=np.float32)
+        for j, i in enumerate(alive):
+            row_bias[j, [base + r for r in own[i]]] = 0.0
+            new_bias[j, j] = 0.0
+            own[i].append(rows - base + j)
+        out = cache.forward(decoder, np.asarray([tokens[i] for i in alive], dtype=np.int64),
+                            np.full(m, cache.position, dtype=np.int64), new_bias=new_bias, row_bias=row_bias,
+                            logits_index=np.arange(m, dtype=np.int64))
+        cache.write(out.keys, out.values)
+        cache.position += 1
+        stats["side_by_side_steps"] += 1
+        still = []
+        for j, i in enumerate(alive):
+            logp = outs[i].next_logp(out.logits[j])
+            tokens[i] = int(np.argmax(logp))
+            if not (outs[i].take(tokens[i], logp) or outs[i].full):
+                still.append(i)
+        alive = still
+    return False
+
+
+def _choose_forks(first: Transcript, n: int) -> list[tuple[Hesitation, int, float]]:
+    """The n likeliest (step, runner-up) pairs by the probability of the forked prefix, leaving out a
+    runner-up that only spells draft 1's own text in other tokens."""
+    token_bytes = first.vocab.token_bytes
+    candidates = []
+    for at in first.hesitations:
+        rest = b"".join(token_bytes[t] for t in first.ids[at.step:])
+        for token, token_logp in zip(at.tokens, at.logps):
+            if token not in first.vocab.eos and rest.startswith(token_bytes[token]):
+                continue
+            candidates.append((at.logprob + token_logp, at.step, at, token, token_logp))
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    return [(at, token, token_logp) for _, _, at, token, token_logp in candidates[:n]]
+
+
+def _new_stats() -> dict[str, float]:
+    return {"single_steps": 0.0, "tree_steps": 0.0, "tree_tokens": 0.0, "accepted_drafts": 0.0, "draft_s": 0.0,
+            "forks": 0.0, "side_by_side_steps": 0.0, "cancelled": 0.0}
+
+
+def _decode_from_logits(decoder: Decoder, cache: DecodeCache, out: Transcript, logits: np.ndarray,
+                        drafter: Drafter, stats: dict[str, float]) -> bool:
+    """Greedy from the prompt's logits; returns whether it was cancelled."""
+    logp = out.next_logp(logits)
+    token = int(np.argmax(logp))
+    if out.take(token, logp) or out.full:
+        return False
+    return _decode_from_token(decoder, cache, out, token, drafter, stats)
+
+
+def _decode_from_token(decoder: Decoder, cache: DecodeCache, out: Transcript, token: int, drafter: Drafter,
+                       stats: dict[str, float]) -> bool:
+    """Continue `out` greedily, speculating; `token`, its last, is not in the cache yet. Returns whether it was
+    cancelled."""
+    request = out.request
     lanes = softmax_lanes()
     corpus = [np.asarray(seq, dtype=np.int64) for seq in drafter.corpus if len(seq)]
     history = len(drafter.context)
     context = np.empty(history + request.max_tokens, dtype=np.int64)  # code before the cursor + output
     context[:history] = drafter.context
-    stats = {"single_steps": 0.0, "tree_steps": 0.0, "tree_tokens": 0.0, "accepted_drafts": 0.0, "draft_s": 0.0,
-             "cancelled": 0.0}
-    logp = out.next_logp(logits)
-    while not out.full:
-        token = int(np.argmax(logp))
-        if out.take(token, logp) or out.full:
-            break
+    context[history:history + len(out.ids)] = out.ids
+    while True:
         n_context = history + len(out.ids)
-        context[n_context - 1] = token
         if request.cancelled(out.text):
             stats["cancelled"] = 1.0
-            break
+            return True
         if out.pending:  # still healing: the next token is constrained, so drafts would not help
             logp = out.next_logp(decode_one_token(decoder, cache, token))
             stats["single_steps"] += 1
-            continue
-        td = time.perf_counter()
-        tree = build_draft_tree(token, context[:n_context], corpus, drafter.recycler, drafter.tree_nodes, lanes,
-                                drafter.token_cost)
-        stats["draft_s"] += time.perf_counter() - td
-        step = verify_tree(decoder, cache, tree)
-        td = time.perf_counter()
-        accepted, logp, finished = greedy_accept(tree, step.logits, out)
-        context[n_context:n_context + len(accepted) - 1] = [tree.tokens[node] for node in accepted[1:]]
-        cache.write(step.keys, step.values, rows=np.asarray([tree.slots[node] for node in accepted]))
-        cache.position += len(accepted)
-        drafter.recycler.update(np.asarray(tree.tokens), step.logits)
-        stats["tree_steps"] += 1
-        stats["tree_tokens"] += tree.width
-        stats["accepted_drafts"] += len(accepted) - 1
-        stats["draft_s"] += time.perf_counter() - td
-        if finished:
-            break
-    timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(out.ids)), **stats}
-    return GenerationResult([out.draft()], timings)
+        else:
+            td = time.perf_counter()
+            tree = build_draft_tree(token, context[:n_context], corpus, drafter.recycler, drafter.tree_nodes, lanes,
+                                    drafter.token_cost)
+            stats["draft_s"] += time.perf_counter() - td
+            step = verify_tree(decoder, cache, tree)
+            td = time.perf_counter()
+            accepted, logp, finished = greedy_accept(tree, step.logits, out)
+            context[n_context:n_context + len(accepted) - 1] = [tree.tokens[node] for node in accepted[1:]]
+            cache.write(step.keys, step.values, rows=np.asarray([tree.slots[node] for node in accepted]))
+            cache.position += len(accepted)
+            drafter.recycler.update(np.asarray(tree.tokens), step.logits)
+            stats["tree_steps"] += 1
+            stats["tree_tokens"] += tree.width
+            stats["accepted_drafts"] += len(accepted) - 1
+            stats["draft_s"] += time.perf_counter() - td
+            if finished or out.full:
+                return False
+        token = int(np.argmax(logp))
+        if out.take(token, logp) or out.full:
+            return False
+        context[history + len(out.ids) - 1] = token

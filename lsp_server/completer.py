@@ -18,7 +18,7 @@ from inference.drafting import Recycler
 from inference.generate import DecodeRequest, GenerationResult, greedy_decode, never, vocabulary
 from inference.model_store import LoadedModel
 from inference.ngram import NgramModel
-from inference.speculative import TREE_NODES, Drafter, speculative_decode
+from inference.speculative import TREE_NODES, Drafter, forked_decode, speculative_decode
 from inference.superposed import SuperposedSearch, beam_decode, sampled_decode, superposed_decode
 from inference.syntax.finish import finish
 from inference.syntax.languages import language_of
@@ -171,14 +171,19 @@ class Completer:
             return superposed_decode(decoder, vocab, cache, logits, request, search)
         if options.drafts > 1 and options.draft_method == "sampled":
             return sampled_decode(decoder, vocab, cache, logits, request, options.drafts)
+        if options.drafts > 1 and options.draft_method == "forked":
+            return forked_decode(decoder, vocab, cache, logits, request, self._drafter(uri, ctx), options.drafts)
         if options.drafts > 1:
             return beam_decode(decoder, vocab, cache, logits, request, options.drafts)
         if options.speculative:
-            corpus = [self.docs[uri].ids, *(self.docs[u].ids for u in self.store.lru_order()[-LOOKUP_BUFFERS:]
-                                            if u != uri and u in self.docs)]
-            return speculative_decode(decoder, vocab, cache, logits, request,
-                                      Drafter(self.recycler, ctx.history, corpus))
+            return speculative_decode(decoder, vocab, cache, logits, request, self._drafter(uri, ctx))
         return greedy_decode(decoder, vocab, cache, logits, request)
+
+    def _drafter(self, uri: str, ctx: CursorContext) -> Drafter:
+        """Speculation's sources: the code before the cursor, this document and the last few others used."""
+        corpus = [self.docs[uri].ids, *(self.docs[u].ids for u in self.store.lru_order()[-LOOKUP_BUFFERS:]
+                                        if u != uri and u in self.docs)]
+        return Drafter(self.recycler, ctx.history, corpus)
 
     def _ngram_with(self, uri: str) -> NgramModel | None:
         """The n-gram model with this document's current counts in its overlay (None until built)."""

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from kv_cache.choices import IDLE_ROWS, PERSIST_MAX_MB, SPLICE_MODES
 
-DRAFT_METHODS = ("superposed", "beam", "sampled")  # how k > 1 drafts are decoded (inference/superposed.py)
+# how k > 1 drafts are decoded: inference/superposed.py, and "forked" in inference/speculative.py
+DRAFT_METHODS = ("superposed", "beam", "sampled", "forked")
 REFRESH_POLICIES = ("off", "idle", "threshold")
 LAYOUTS = ("auto", "fim", "prefix")
 SCOPES = ("auto", "single", "multi")

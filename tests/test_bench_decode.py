@@ -13,7 +13,7 @@ from tests.test_bench_pie import write_records
 from tests.test_ngram import use_fixture_sources
 
 KEYS = ("speedup_speculative", "identical_outputs", "methods", "suffix_duplications", "n", "machine")
-METHODS = ("greedy", "superposed", "beam", "sampled")
+METHODS = ("greedy", "superposed", "beam", "sampled", "forked")
 METHOD_KEYS = ("time_vs_greedy", "em_draft1", "em_best_of_k", "distinct_first_lines")
 
 

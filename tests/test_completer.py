@@ -156,7 +156,8 @@ def test_several_drafts_are_distinct_and_ranked(completer, method):
     texts = [s.text for s in outcome.suggestions]
     assert len(texts) <= 3 and len(set(texts)) == len(texts)
     scores = [s.score for s in outcome.suggestions]
-    assert scores == sorted(scores, reverse=True)
+    if method != "forked":  # forked decoding keeps greedy's draft first, whatever the forks' mean scores
+        assert scores == sorted(scores, reverse=True)
     assert all(first_line(t)[1] is False for t in texts)  # blank lines before the code are kept, none after it
 
 
@@ -164,7 +165,7 @@ def test_several_drafts_are_distinct_and_ranked(completer, method):
 def test_the_draft_method_option_chooses_the_decoder(completer, monkeypatch, method):
     """k drafts go to the decoder the request names; one draft is always the greedy (speculative) path."""
     called = []
-    for name in ("superposed_decode", "beam_decode", "sampled_decode", "speculative_decode"):
+    for name in ("superposed_decode", "beam_decode", "sampled_decode", "forked_decode", "speculative_decode"):
         monkeypatch.setattr(completer_module, name, lambda *args, name=name, **kwargs: called.append(name) or
                             GenerationResult([Draft("x", [1], -1.0)]))
     completer.open(URI, "x = 1\n")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from inference import speculative
 from inference.drafting import Recycler, lookup_continuations, top_tokens
 from inference.generate import SINGLE_LINE, DecodeCache, DecodeRequest, decode_one_token, greedy_decode, prefill, \
     vocabulary
 from inference.prompt import Prompt
 from inference.runtime import NEG_INF
-from inference.speculative import DraftTree, Drafter, softmax_lanes, speculative_decode, verify_tree
+from inference.speculative import DraftTree, Drafter, forked_decode, softmax_lanes, speculative_decode, verify_tree
 from tests.decoding import before_cursor, fim, start, start_past_hidden_rows
 from tests.fixtures import cpython_text, never_ending
 
@@ -325,3 +326,89 @@ def test_real_model_speculative_output_equals_greedy(real_model):
         _assert_same(spec, greedy)
         accepted += spec.timings["accepted_drafts"]
     assert accepted > 0
+
+
+# -- forked drafts ----------------------------------------------------------------------------------------------
+
+def _forked(model, tok, prompt: Prompt, request: DecodeRequest, k: int = 3):
+    cache, logits = start(model, prompt.ids, room=request.max_tokens + 16)
+    drafter = Drafter(Recycler(model.config.vocab_size), before_cursor(tok, prompt))
+    return forked_decode(model.decoder, vocabulary(tok), cache, logits, request, drafter, k)
+
+
+def _follows_greedily(model, prompt: Prompt, ids: list[int], start_at: int) -> bool:
+    """Whether every token of `ids` from `start_at` on is the model's top choice after the ones before it (to
+    within a near-tie: forks decoded side by side are not bit-identical to one token at a time)."""
+    cache, logits = start(model, prompt.ids, room=len(ids) + 4)
+    for i, token in enumerate(ids):
+        if i >= start_at and logits[token] < logits.max() - 1e-3:
+            return False
+        logits = decode_one_token(model.decoder, cache, token)
+    return True
+
+
+FORCED_FORKS = {
+    "shared": lambda first, n: [(first.hesitations[1], t, lp) for t, lp in zip(first.hesitations[1].tokens,
+                                                                                  first.hesitations[1].logps)][:n],
+    "apart": lambda first, n: [(h, h.tokens[0], h.logps[0]) for h in first.hesitations[1:1 + n]],
+}
+
+
+@pytest.mark.parametrize("where", ["chosen", "shared", "apart"])
+def test_forked_drafts_are_greedy_then_forks_of_it_continued_greedily(tiny_model, monkeypatch, where):
+    """Draft 1 is greedy's, token for token. Every other draft is draft 1 up to one step, then a token other than
+    draft 1's there, then the model's greedy choices again: for the forks forked decoding picks, and for forks
+    forced to step 1's two runners-up ("shared": decoded side by side) or to the runner-up at steps 1 and 2
+    ("apart": the cache rewound for each, latest first)."""
+    if where in FORCED_FORKS:
+        monkeypatch.setattr(speculative, "_choose_forks", FORCED_FORKS[where])
+    tok = never_ending(tiny_model.tokenizer)
+    steps_shared = steps_apart = 0
+    for i, (prefix, suffix) in enumerate(_snippets(24, seed=3)):
+        prompt = fim(tok, prefix, suffix, heal=False)
+        request = DecodeRequest(10 + i % 7, None)
+        greedy = _decode(tiny_model, tok, prompt, request)
+        result = _forked(tiny_model, tok, prompt, request)
+        first, *forks = result.drafts
+        assert first.token_ids == greedy.drafts[0].token_ids and first.text == greedy.drafts[0].text
+        assert len(forks) == 2 and result.timings["forks"] == 2
+        fork_steps = []
+        for fork in forks:
+            step = next(s for s, (a, b) in enumerate(zip(fork.token_ids, first.token_ids + [-1])) if a != b)
+            assert fork.token_ids[:step] == first.token_ids[:step]
+            assert _follows_greedily(tiny_model, prompt, fork.token_ids, step + 1)
+            fork_steps.append(step)
+        steps_shared += fork_steps[0] == fork_steps[1]
+        steps_apart += fork_steps[0] != fork_steps[1]
+    if where in FORCED_FORKS:
+        assert (steps_shared, steps_apart) == ((24, 0) if where == "shared" else (0, 24))
+
+
+def test_forked_drafts_start_with_the_healed_bytes(tiny_model):
+    tok = tiny_model.tokenizer
+    for prefix, suffix in _snippets(20, seed=5):
+        prompt = fim(tok, prefix, suffix)
+        if not prompt.healed:
+            continue
+        result = _forked(tiny_model, tok, prompt, DecodeRequest(8, SINGLE_LINE, prompt.healed))
+        healed = prompt.healed.decode("utf-8", errors="ignore")
+        for draft in result.drafts:
+            full = (tok.decode(draft.token_ids))
+            assert full.startswith(healed) or healed.startswith(full)
+
+
+def test_a_cancelled_forked_decode_returns_what_it_has(tiny_model):
+    tok = never_ending(tiny_model.tokenizer)
+    prompt = fim(tok, cpython_text("calendar.py")[:1200], "", heal=False)
+    calls = 0
+
+    def cancelled(text: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    result = _forked(tiny_model, tok, prompt, DecodeRequest(40, None, b"", cancelled))
+    greedy = _decode(tiny_model, tok, prompt, DecodeRequest(40, None))
+    assert result.timings["cancelled"] == 1.0 and result.timings["forks"] == 0
+    [only] = result.drafts
+    assert greedy.drafts[0].token_ids[:len(only.token_ids)] == only.token_ids
