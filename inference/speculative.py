@@ -10,6 +10,9 @@ dropped; their positions are the ones sequential decoding would have used.
 Losslessness relies on the graph being chunk-invariant: attention runs over Concat(past, new), so a node's
 logits are bit-identical to feeding its path one token at a time (tests/test_speculative.py checks this),
 and the output equals greedy_decode token for token.
+
+`forked_decode` gives k drafts on the same path: draft 1 is the speculative (greedy) one, and the others
+fork from it where the model hesitated most.
 """
 
 from __future__ import annotations
@@ -19,16 +22,15 @@ import heapq
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from inference.drafting import LOOKUP_MAX_NGRAM, Recycler, lookup_continuations
+from inference.drafting import Recycler, lookup_continuations
 from inference.generate import (
     DecodeCache,
     DecodeRequest,
-    Draft,
     GenerationResult,
     Hesitation,
     Transcript,
@@ -262,10 +264,10 @@ def forked_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logit
     hesitated most.
 
     A fork takes, at one step of draft 1, a token the model ranked just below the one taken, chosen by the
-    probability of the fork's tokens up to there; it is then continued greedily, speculated from draft 1's
-    own tail as if the fork only changed that token (code that differs in one name or bracket usually
-    rejoins). Forks are decoded latest first: each rewinds the cache to its step, overwriting rows after it
-    that the earlier forks do not need. Drafts come out draft 1 first, then the forks in the order chosen.
+    probability of the fork's tokens up to there, and is then continued greedily. The forks are decoded side
+    by side, one row each per forward after draft 1's rows, each seeing draft 1's rows before its step: the
+    forks cost about as much as the longest of them. Drafts come out draft 1 first, then the forks in the
+    order chosen (bench/decode.py measures the method).
     """
     t0 = time.perf_counter()
     length, position = cache.length, cache.position
@@ -273,58 +275,48 @@ def forked_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logit
     stats = _new_stats()
     stopped = _decode_from_logits(decoder, cache, first, logits, drafter, stats)
     forks = [] if stopped else _choose_forks(first, k - 1)
-    found: dict[int, Draft] = {}
-    for step in sorted({at.step for at, _, _ in forks}, reverse=True):
-        cache.length, cache.position = length + step, position + step
-        group = [(rank, *first.forked(at, token, token_logp), token)
-                 for rank, (at, token, token_logp) in enumerate(forks) if at.step == step]
-        going = [(rank, fork, token) for rank, fork, finished, token in group if not finished and not fork.full]
-        if len(going) == 1:  # alone: speculate, from draft 1's tail as if only this token changed
-            rank, fork, token = going[0]
-            rejoined = [*drafter.context[-LOOKUP_MAX_NGRAM:], *fork.ids, *first.ids[step + 1:]]
-            stopped = _decode_from_token(decoder, cache, fork, token, replace(drafter, corpus=[rejoined, *drafter.corpus]),
-                                         stats)
-        elif going:  # side by side, one row each per forward
-            stopped = _decode_side_by_side(decoder, cache, [fork for _, fork, _ in going],
-                                           [token for _, _, token in going], stats)
-        found.update((rank, fork.draft()) for rank, fork, _, _ in group)
-        stats["forks"] += len(group)
-        if stopped:
-            break
-    drafts = [first.draft(), *(found[rank] for rank in sorted(found))]
+    started = [(first.forked(at, token, token_logp), at.step, token) for at, token, token_logp in forks]
+    going = [(fork, step, token) for (fork, finished), step, token in started if not finished and not fork.full]
+    if going:
+        stopped = _decode_side_by_side(decoder, cache, [fork for fork, _, _ in going], [token for _, _, token in going],
+                                       [(length + step, position + step) for _, step, _ in going], stats)
+    stats["forks"] = float(len(started))
+    drafts = [first.draft(), *(fork.draft() for (fork, _), _, _ in started)]
     timings = {"decode_s": time.perf_counter() - t0, "generated_tokens": float(len(first.ids)), **stats,
                "cancelled": float(stopped)}
     return GenerationResult(drafts, timings)
 
 
 def _decode_side_by_side(decoder: Decoder, cache: DecodeCache, outs: list[Transcript], tokens: list[int],
-                         stats: dict[str, float]) -> bool:
-    """Continue several transcripts greedily in one forward per step, one row each: each sees the cache's rows
-    so far and its own rows after them. `tokens`: each one's last token, not in the cache yet. Returns whether
-    it was cancelled."""
-    base = cache.length
-    own: list[list[int]] = [[] for _ in outs]  # each transcript's rows, counted from base
+                         starts: list[tuple[int, int]], stats: dict[str, float]) -> bool:
+    """Continue several transcripts greedily in one forward per step, one row each, after the cache's rows.
+
+    Transcript i sees the cache's first starts[i][0] rows and its own rows, and its next token (tokens[i], not
+    in the cache yet) is at position starts[i][1]. Returns whether it was cancelled."""
+    seen = [rows for rows, _ in starts]
+    positions = [position for _, position in starts]
+    own: list[list[int]] = [[] for _ in outs]  # each transcript's own rows in the cache
     alive = list(range(len(outs)))
     while alive:
         if outs[0].request.cancelled(""):
             stats["cancelled"] = 1.0
             return True
         m, rows = len(alive), cache.length
-        row_bias = np.zeros((m, rows), dtype=np.float32)
-        row_bias[:, base:] = NEG_INF
+        row_bias = np.full((m, rows), NEG_INF, dtype=np.float32)
         new_bias = np.full((m, m), NEG_INF, dtype=np.float32)
         for j, i in enumerate(alive):
-            row_bias[j, [base + r for r in own[i]]] = 0.0
+            row_bias[j, :seen[i]] = 0.0
+            row_bias[j, own[i]] = 0.0
             new_bias[j, j] = 0.0
-            own[i].append(rows - base + j)
+            own[i].append(rows + j)
         out = cache.forward(decoder, np.asarray([tokens[i] for i in alive], dtype=np.int64),
-                            np.full(m, cache.position, dtype=np.int64), new_bias=new_bias, row_bias=row_bias,
-                            logits_index=np.arange(m, dtype=np.int64))
+                            np.asarray([positions[i] for i in alive], dtype=np.int64), new_bias=new_bias,
+                            row_bias=row_bias, logits_index=np.arange(m, dtype=np.int64))
         cache.write(out.keys, out.values)
-        cache.position += 1
         stats["side_by_side_steps"] += 1
         still = []
         for j, i in enumerate(alive):
+            positions[i] += 1
             logp = outs[i].next_logp(out.logits[j])
             tokens[i] = int(np.argmax(logp))
             if not (outs[i].take(tokens[i], logp) or outs[i].full):

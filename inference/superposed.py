@@ -8,8 +8,7 @@ is shared by every draft, re-scored per draft with an n-gram model (geometric in
 
 The baseline decodes the k drafts for real: each step feeds every alive draft's last token as one row of the
 same forward, and an attention mask lets each row see the prompt plus its own draft's earlier rows only (a
-tree over the shared prompt rows, which are never copied). `search="beam"` is a k-way beam search;
-`search="branch"` takes the k best first tokens and continues each greedily.
+tree over the shared prompt rows, which are never copied), as a k-way beam search.
 
 `sampled_decode` is the paper's own baseline: k nucleus-sampled drafts, one full pass each. Which one a
 request uses is the `draftMethod` setting; bench/decode.py measures them side by side.
@@ -23,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
@@ -239,13 +237,11 @@ def _interpolate(ngram: NgramModel, contexts: list[list[int]], tops: list[np.nda
 
 
 def beam_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits: np.ndarray,
-                request: DecodeRequest, k: int = DEFAULT_DRAFTS,
-                search: Literal["beam", "branch"] = "beam") -> GenerationResult:
+                request: DecodeRequest, k: int = DEFAULT_DRAFTS) -> GenerationResult:
     """The baseline: k drafts decoded for real, one forward per step with one row per alive draft.
 
-    "beam": the k best (draft, token) pairs by summed log-probability survive each step. "branch": the k best
-    first tokens, each continued greedily. A draft's logprob is its summed log-probability (healing tokens
-    included); drafts are ranked by its mean per token.
+    The k best (draft, token) pairs by summed log-probability survive each step. A draft's logprob is its summed
+    log-probability (healing tokens included); drafts are ranked by its mean per token.
     """
     t0 = time.perf_counter()
     max_tokens = request.max_tokens
@@ -257,10 +253,9 @@ def beam_decode(decoder: Decoder, vocab: Vocabulary, cache: DecodeCache, logits:
         candidates: list[tuple[float, int, int]] = []
         for i, beam in enumerate(drafts.alive):
             lp = drafts.log_probs(row_logits[i], beam)
-            width = k if (search == "beam" or step == 0) else 1
-            candidates += [(beam.score + float(lp[t]), i, int(t)) for t in _top(lp, width)]
+            candidates += [(beam.score + float(lp[t]), i, int(t)) for t in _top(lp, k)]
         candidates.sort(key=lambda c: -c[0])
-        drafts.advance(candidates if search == "branch" else candidates[: 2 * k])
+        drafts.advance(candidates[: 2 * k])
         if drafts.settled() or step == max_tokens - 1:
             break
         if request.cancelled(""):

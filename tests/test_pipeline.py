@@ -10,7 +10,7 @@ import pytest
 
 from inference.drafting import Recycler
 from inference.generate import DecodeRequest, completion_text, greedy_decode, vocabulary
-from inference.speculative import Drafter, speculative_decode
+from inference.speculative import Drafter, forked_decode, speculative_decode
 from inference.superposed import beam_decode
 from kv_cache.document import HEAL_TOKENS, DocumentCache
 from kv_cache.edits import TextEdit
@@ -36,6 +36,7 @@ DECODERS = {
     "greedy": lambda d, v, c, lg, r: greedy_decode(d, v, c, lg, r),
     "speculative": lambda d, v, c, lg, r: speculative_decode(d, v, c, lg, r, Drafter(Recycler(v.healer.vocab_size))),
     "beam": lambda d, v, c, lg, r: beam_decode(d, v, c, lg, r, 3),
+    "forked": lambda d, v, c, lg, r: forked_decode(d, v, c, lg, r, Drafter(Recycler(v.healer.vocab_size)), 3),
 }
 
 

@@ -15,8 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lsprotocol import types
 
-from lsp_server.completion import Suggestion
-from lsp_server.options import ServerOptions, parse_options, to_wire
+from inference.quantize import QUANTIZATIONS
+from kv_cache.choices import IDLE_ROWS, SPLICE_MODES
+from lsp_server.completion import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, Suggestion
+from lsp_server.options import LOG_LEVELS, ServerOptions, parse_options, to_wire
 from lsp_server.positions import (
     UTF8,
     UTF16,
@@ -184,6 +186,19 @@ def test_the_editor_clients_know_every_setting_and_its_default():
     assert re.findall(r"'(\w+)'", keys_ts.split("]", 1)[0]) == list(wire)
     config_lua = (clients / "neovim" / "lua" / "superpie" / "config.lua").read_text()
     assert re.findall(r"'(\w+)'", config_lua.split("M.server_options = {", 1)[1].split("}", 1)[0]) == list(wire)
+
+
+def test_the_vscode_manifest_offers_exactly_the_choices_the_server_accepts():
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "editor-clients" / "vscode" / "package.json")
+                          .read_text())["contributes"]["configuration"]["properties"]
+    choices = {"quantization": QUANTIZATIONS, "draftMethod": DRAFT_METHODS, "scope": SCOPES, "layout": LAYOUTS,
+               "cacheMode": SPLICE_MODES, "idleRows": IDLE_ROWS, "refresh": REFRESH_POLICIES, "logLevel": LOG_LEVELS}
+    offered = {key.removeprefix("superpie."): spec["enum"] for key, spec in manifest.items()
+               if "enum" in spec and key != "superpie.trace.server"}
+    assert {key: sorted(values) for key, values in offered.items()} == \
+        {key: sorted(values) for key, values in choices.items()}
+    for key, values in offered.items():  # where the manifest describes each choice, it describes every one
+        assert len(manifest[f"superpie.{key}"].get("enumDescriptions", values)) == len(values)
 
 
 # -- suggestions -------------------------------------------------------------------------------------------

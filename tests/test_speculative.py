@@ -358,8 +358,8 @@ FORCED_FORKS = {
 def test_forked_drafts_are_greedy_then_forks_of_it_continued_greedily(tiny_model, monkeypatch, where):
     """Draft 1 is greedy's, token for token. Every other draft is draft 1 up to one step, then a token other than
     draft 1's there, then the model's greedy choices again: for the forks forked decoding picks, and for forks
-    forced to step 1's two runners-up ("shared": decoded side by side) or to the runner-up at steps 1 and 2
-    ("apart": the cache rewound for each, latest first)."""
+    forced to step 1's two runners-up ("shared") or to the runner-up at steps 1 and 2 ("apart": side by side,
+    each sees draft 1's rows up to its own step only)."""
     if where in FORCED_FORKS:
         monkeypatch.setattr(speculative, "_choose_forks", FORCED_FORKS[where])
     tok = never_ending(tiny_model.tokenizer)
