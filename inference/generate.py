@@ -273,7 +273,8 @@ class Transcript:
         """Emit the greedy token; True when the completion is finished (end of text or the stop rule)."""
         if self.runners_up:
             top = np.argpartition(-logp, self.runners_up)[:self.runners_up + 1]
-            top = [int(t) for t in top[np.argsort(-logp[top], kind="stable")] if t != token][:self.runners_up]
+            top = [int(t) for t in top[np.argsort(-logp[top], kind="stable")]
+                   if t != token and np.isfinite(logp[t])][:self.runners_up]  # healing masks some out
             self.hesitations.append(Hesitation(len(self.ids), self.pending, self.logprob, tuple(top),
                                                tuple(float(logp[t]) for t in top)))
         return self._emit(token, float(logp[token]))

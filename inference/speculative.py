@@ -326,11 +326,15 @@ def _decode_side_by_side(decoder: Decoder, cache: DecodeCache, outs: list[Transc
 
 
 def _choose_forks(first: Transcript, n: int) -> list[tuple[Hesitation, int, float]]:
-    """The n likeliest (step, runner-up) pairs by the probability of the forked prefix, leaving out a
-    runner-up that only spells draft 1's own text in other tokens."""
+    """The n likeliest (step, runner-up) pairs by the probability of the forked prefix, within draft 1's first
+    line of code (a fork after it would cycle to the same first line), leaving out a runner-up that only
+    spells draft 1's own text in other tokens."""
     token_bytes = first.vocab.token_bytes
     candidates = []
     for at in first.hesitations:
+        before = b"".join(token_bytes[t] for t in first.ids[:at.step])[len(first.request.healed):]
+        if b"\n" in before.lstrip():
+            break
         rest = b"".join(token_bytes[t] for t in first.ids[at.step:])
         for token, token_logp in zip(at.tokens, at.logps):
             if token not in first.vocab.eos and rest.startswith(token_bytes[token]):

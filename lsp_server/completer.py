@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.drafting import Recycler
-from inference.generate import DecodeRequest, GenerationResult, greedy_decode, never, vocabulary
+from inference.generate import DecodeRequest, GenerationResult, first_line, greedy_decode, never, vocabulary
 from inference.model_store import LoadedModel
 from inference.ngram import NgramModel
 from inference.speculative import TREE_NODES, Drafter, forked_decode, speculative_decode
@@ -153,12 +153,12 @@ class Completer:
         total = time.perf_counter() - t0
         if not stopped:
             self._latencies.append(total)
-        kept: dict[str, float] = {}
+        kept: dict[str, Suggestion] = {}  # by first line of code: cycling drafts that start alike shows nothing new
         for draft in result.drafts:
             text = finish(draft.text, ctx.prefix, ctx.suffix, language)
-            if text.strip():
-                kept.setdefault(text, draft.score)  # finish can make two drafts equal: keep the first (best)
-        suggestions = [Suggestion(text, score) for text, score in kept.items()]
+            if text.strip():  # finish can make two drafts equal: keep the first (best)
+                kept.setdefault(first_line(text)[0].strip(), Suggestion(text, draft.score))
+        suggestions = list(kept.values())
         return self._outcome(suggestions, {**timings, **result.timings, "total_s": total}, stopped)
 
     def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions,

@@ -45,7 +45,7 @@ class CompletionOptions:
     scope: str = "auto"  # "auto" | "single" | "multi"
     speculative: bool = True
     layout: str = "auto"  # "auto" | "fim" | "prefix": see prompt_layout
-    draft_method: str = "beam"  # one of DRAFT_METHODS, for drafts > 1: bench/decode.py compares them
+    draft_method: str = "forked"  # one of DRAFT_METHODS, for drafts > 1: bench/decode.py compares them
 
 
 @dataclass

@@ -189,10 +189,12 @@ def test_idle_work_builds_the_ngram_model_once_a_superposed_request_wants_it(com
     assert built == [1]
 
 
-def test_drafts_that_finish_to_the_same_text_are_one_suggestion(completer, monkeypatch):
-    """finish() drops trailing blanks and what the suffix provides, so distinct drafts can become equal."""
+def test_drafts_that_finish_to_the_same_first_line_are_one_suggestion(completer, monkeypatch):
+    """finish() drops trailing blanks and what the suffix provides, so distinct drafts can become equal; and
+    drafts that differ only after their first line of code would look the same while cycling."""
     completer.open(URI, "x = 1\n")
-    drafts = [Draft("foo", [1], -1.0), Draft("foo  ", [2], -2.0), Draft("  ", [3], -3.0), Draft("bar", [4], -4.0)]
+    drafts = [Draft("foo", [1], -1.0), Draft("foo  ", [2], -2.0), Draft("  ", [3], -3.0), Draft("bar", [4], -4.0),
+              Draft("\nfoo\nbaz", [5], -5.0), Draft("bar\n    qux", [6], -6.0)]
     monkeypatch.setattr(completer, "_decode", lambda *args: GenerationResult(drafts))
     outcome = completer.complete(URI, len("x = 1\n"), CompletionOptions(drafts=3))
     assert [(s.text, s.score) for s in outcome.suggestions] == [("foo", -1.0), ("bar", -4.0)]
