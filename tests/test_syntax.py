@@ -371,3 +371,26 @@ def test_greedy_decoding_with_the_block_rule(tiny_model):
     # No line of the block leaves the method body, and the suffix's next line is not written again.
     assert all(len(line) - len(line.lstrip()) > 4 for line in lines if line.strip()) or out.strip() == ""
     assert "    def pop(self):" not in out.splitlines()
+
+
+@pytest.mark.parametrize(("other", "text", "keep"), [
+    ("a]", "a) + 1", 1),  # another draft closed a bracket the cursor did not open: this one still stops at ")"
+    ("b, c", "a) + 1", 1),
+    ("a) + 1", "a", None),  # a shorter, different text is not the earlier one's decision
+])
+def test_one_stop_rule_shared_by_several_drafts_cuts_each_as_a_fresh_one(other, text, keep):
+    """Decoders of several drafts (beam, superposed, forked) ask one stop rule about texts that do not extend
+    each other; what it learnt on another draft's unfinished line must not carry over."""
+    shared = SyntaxStop("x = f(", ")\n", "single")
+    shared.cut(other)
+    assert shared.cut(text) == SyntaxStop("x = f(", ")\n", "single").cut(text) == keep
+
+
+@pytest.mark.parametrize(("prefix", "suffix", "text", "keep"), [
+    ("x = f(", ")\n", "a] + 1", 1),  # "]" cannot close the cursor's "(": the line ends before it
+    ("x = f(", ")\n", "a} + 1", 1),
+    ("x = [f(", "]\n", "a) + 1", None),  # the model closes the "(" the suffix leaves open, and goes on
+    ("x = [f(", "]\n", "a)]", 2),  # ... until it writes the suffix's own closer
+])
+def test_a_single_line_stops_before_a_closer_that_is_not_its_own(prefix, suffix, text, keep):
+    assert SyntaxStop(prefix, suffix, "single").cut(text) == keep

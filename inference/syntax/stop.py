@@ -56,7 +56,7 @@ class SyntaxStop:
     def _restart(self) -> None:
         ctx = self.context
         self._seen = 0  # characters of complete lines already scanned
-        self._seen_text = ""
+        self._text = ""  # the text of the last call: state on its partial last line holds for its extensions only
         self._state = ctx.state  # the lexer state at _seen
         self._decided: tuple[str, int] | None = None
         self._floor = len(ctx.state.brackets)
@@ -86,15 +86,15 @@ class SyntaxStop:
         """Characters of `text` (the completion so far) to keep if it is complete, else None."""
         if self._decided is not None and text.startswith(self._decided[0]):
             return self._decided[1]
-        if not text.startswith(self._seen_text):
+        if not text.startswith(self._text):  # another draft's text, or an edited one
             self._restart()
+        self._text = text
         on_line = self._single_line if self.scope == "single" else self._block_line
         while (newline := text.find("\n", self._seen)) >= 0:
             keep = on_line(text, self._seen, newline + 1, True)
             if keep is not None:
                 return self._decide(text, keep)
             self._seen = newline + 1
-        self._seen_text = text[:self._seen]
         if self._seen < len(text):
             keep = on_line(text, self._seen, len(text), False)
             if keep is not None:
@@ -102,7 +102,7 @@ class SyntaxStop:
         return None
 
     def _decide(self, text: str, keep: int) -> int:
-        self._decided, self._seen_text = (text, keep), text[:self._seen]
+        self._decided = (text, keep)
         return keep
 
     def _closer(self, text: str, start: int, end: int) -> tuple[int, str] | None:
@@ -139,8 +139,10 @@ class SyntaxStop:
             return None
         closer = self._closer(text, start, end)
         if closer is not None:
-            if closer[1] == ctx.suffix_closer:
-                return closer[0]
+            at, closing = closer
+            mismatched = closing in OPENER_OF and OPENER_OF[closing] != ctx.state.brackets[-1:]
+            if closing == ctx.suffix_closer or mismatched:
+                return at  # the suffix's own closer, or a bracket that does not pair with the cursor's: not written
             self._watch = False  # the model closes what the suffix leaves open: fine
         if start == 0 and ctx.line_suffix.strip():
             keep = self._repeats_line_suffix(text, end)
