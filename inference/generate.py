@@ -241,6 +241,7 @@ class Hesitation:
     """The runners-up at one step of a draft, and the draft's state before that step (where a fork starts)."""
 
     step: int  # tokens emitted before it
+    emitted: int  # bytes emitted before it (healed bytes included)
     pending: bytes
     logprob: float
     tokens: tuple[int, ...]  # the next likeliest tokens after the one taken, best first
@@ -275,8 +276,8 @@ class Transcript:
             top = np.argpartition(-logp, self.runners_up)[:self.runners_up + 1]
             top = [int(t) for t in top[np.argsort(-logp[top], kind="stable")]
                    if t != token and np.isfinite(logp[t])][:self.runners_up]  # healing masks some out
-            self.hesitations.append(Hesitation(len(self.ids), self.pending, self.logprob, tuple(top),
-                                               tuple(float(logp[t]) for t in top)))
+            self.hesitations.append(Hesitation(len(self.ids), len(self.text_bytes), self.pending, self.logprob,
+                                               tuple(top), tuple(float(logp[t]) for t in top)))
         return self._emit(token, float(logp[token]))
 
     def forked(self, at: Hesitation, token: int, token_logp: float) -> tuple[Transcript, bool]:
@@ -284,7 +285,7 @@ class Transcript:
         whether that token finishes it."""
         fork = Transcript(self.vocab, self.request)
         fork.ids = self.ids[:at.step]
-        fork.text_bytes = b"".join(self.vocab.token_bytes[t] for t in fork.ids)
+        fork.text_bytes = self.text_bytes[:at.emitted]
         fork.pending, fork.logprob = at.pending, at.logprob
         return fork, fork._emit(token, token_logp)
 

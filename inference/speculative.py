@@ -332,10 +332,9 @@ def _choose_forks(first: Transcript, n: int) -> list[tuple[Hesitation, int, floa
     token_bytes = first.vocab.token_bytes
     candidates = []
     for at in first.hesitations:
-        before = b"".join(token_bytes[t] for t in first.ids[:at.step])[len(first.request.healed):]
-        if b"\n" in before.lstrip():
+        if b"\n" in first.text_bytes[len(first.request.healed):at.emitted].lstrip():
             break
-        rest = b"".join(token_bytes[t] for t in first.ids[at.step:])
+        rest = first.text_bytes[at.emitted:]
         for token, token_logp in zip(at.tokens, at.logps):
             if token not in first.vocab.eos and rest.startswith(token_bytes[token]):
                 continue
