@@ -47,6 +47,9 @@ _FIM_NAMES = {
 }
 
 
+FILE_SEP = "<|file_sep|>"
+
+
 class UnsupportedTokenizer(ValueError):
     """The GGUF asks for a tokenizer we cannot reproduce exactly; a near miss would feed the model wrong ids."""
 
@@ -62,6 +65,7 @@ class SpecialTokens:
     fim_suffix: int | None
     fim_middle: int | None
     stop: frozenset[int]  # ends a completion: every control/user-defined token plus eos
+    file_sep: int | None = None  # starts a file's path header in a repository prompt (Qwen2.5-Coder's <|file_sep|>)
 
 
 class CodeTokenizer:
@@ -230,7 +234,8 @@ def tokenizer_from_metadata(metadata: Mapping[str, Any]) -> CodeTokenizer:
         if ids[field] is None:
             ids[field] = next((by_name[name] for name in names if name in by_name), None)
     stop = special_ids.union(i for i in [ids["eos"]] if i is not None)
-    return CodeTokenizer(hf, tokens, special_ids, SpecialTokens(**ids, stop=stop), unrepresentable)
+    specials = SpecialTokens(**ids, stop=stop, file_sep=by_name.get(FILE_SEP))
+    return CodeTokenizer(hf, tokens, special_ids, specials, unrepresentable)
 
 
 def _pre_tokenizer(pre: str) -> PreTokenizer:

@@ -134,6 +134,19 @@ class BufferCache:
         self._wake()
         return [k[:, start:stop] for k in self._keys], [v[:, start:stop] for v in self._values]
 
+    def copy_rows(self, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """fp32 copies of the keys and values of rows [start, stop) per layer [kv, n, hd], and their positions [n],
+        read without waking an idle cache (only these rows are converted back from its int8 or fp16)."""
+        positions = self._positions[start:stop].copy()
+        if self._idle == "int8":
+            cfg = self.decoder.config
+            shape = (cfg.n_kv_heads, cfg.head_dim)
+            layers = [dequantize_rows(symbols[:, start:stop], scales[start:stop], INT8_LEVELS, shape)
+                      for symbols, scales in self._packed]
+            return layers[:cfg.n_layers], layers[cfg.n_layers:], positions
+        return ([k[:, start:stop].astype(np.float32) for k in self._keys],
+                [v[:, start:stop].astype(np.float32) for v in self._values], positions)
+
     def logits_at(self, row: int) -> tuple[np.ndarray, bool]:
         """Next-token logits [vocab] after rows [0, row], and whether they had to be computed.
 

@@ -7,3 +7,6 @@ SPLICE_MODES = ("pie", "conflict-fast", "full")
 # bench/memory.py measures the memory, bench/pie.py and bench/decode.py the completions, against "fp32".
 IDLE_ROWS = ("int8", "fp16", "fp32")
 PERSIST_MAX_MB = 512  # the default cap on the saved buffers' files (setting persistMaxMb)
+# Cross-file context (kv_cache/crossfile.py): a chunk cut shorter than the least is left out; the budget's bounds.
+MIN_CHUNK_TOKENS = 16
+MAX_CROSS_FILE_TOKENS = 4096

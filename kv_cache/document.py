@@ -36,6 +36,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from kv_cache.edits import TextEdit
 from kv_cache.rotation import rerotate_keys
 from kv_cache.splice import TokenizedText, TokenSplice, apply_edits
 from kv_cache.store import BufferStore
+
+if TYPE_CHECKING:  # crossfile.py builds on this module
+    from kv_cache.crossfile import ContextRows
 
 HEAL_TOKENS = KEPT_LOGITS - 1  # most tokens healing backs off inside a word
 HISTORY_TOKENS = 16  # document tokens before the cursor that n-gram contexts may need
@@ -138,6 +142,28 @@ class DocumentCache:
         """How far the window is built, for statistics: tokens with rows, in the target window, in the text."""
         built = self.head + self.hi - self.lo if self.store.peek(self.uri) is not None else 0
         return {"rows": built, "window": self.target_hi - self.target_lo, "tokens": len(self.doc.ids)}
+
+    def row_of(self, start: int, stop: int) -> int | None:
+        """The row of document token `start` if the window has rows for all of tokens [start, stop), else None."""
+        if self.head and stop <= self.head:
+            return self._marker + start
+        if self.lo <= start and stop <= self.hi:
+            return self._row(start)
+        return None
+
+    def borrow_rows(self, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray] | None:
+        """Copies of the K/V of document tokens [start, stop) and their positions (BufferCache.copy_rows), for
+        another document's prompt; read from disk if the rows were evicted, without bringing them back into memory.
+        None when the window holds no rows for all of them."""
+        first = self.row_of(start, stop)
+        if first is None:
+            return None
+        rows = self.store.peek(self.uri)
+        if rows is None and self.hi > self.lo:
+            rows = self.store.restore(self.uri, self._row_ids(self.hi), hold=False)
+        if rows is None or first + stop - start > len(rows):
+            return None
+        return rows.copy_rows(first, first + stop - start)
 
     def stale_rows(self) -> int:
         rows = self.store.peek(self.uri)
@@ -342,16 +368,20 @@ class DocumentCache:
 
     # -- completion context ------------------------------------------------------------------------------
 
-    def context(self, offset: int, *, with_suffix: bool = True, room: int = 0, inserted: str = "") -> CursorContext:
+    def context(self, offset: int, *, with_suffix: bool = True, room: int = 0, inserted: str = "",
+                borrowed: ContextRows | None = None) -> CursorContext:
         """The prompt at character `offset` over the document's own rows (lent, not copied), with room for
         `room` rows of decoding after it; with `inserted`, the prompt as if that text had been typed at
-        `offset` (its tokens go after the rows, the document is not changed).
+        `offset` (its tokens go after the rows, the document is not changed); with `borrowed`, other files'
+        rows placed before the document's (kv_cache/crossfile.py).
 
         Prefix layout (no FIM tokens, or `with_suffix=False`): the prompt is the rows before the healed
         tokens, and its logits are those the edit's forward left for its last row (no forward at all right
-        after a keystroke). FIM: `<|fim_suffix|>`, the split token's rest, the next suffix rows rotated to
-        follow it, and `<|fim_middle|>` are written after the document's rows; a second request at the same
-        cursor with no edit in between reuses them.
+        after a keystroke). With borrowed rows, they are written after the document's rows and the prompt's
+        last token is fed again after them (its first row is hidden), so the next token sees them. FIM:
+        `<|fim_suffix|>`, the split token's rest, the next suffix rows rotated to follow it, and `<|fim_middle|>`
+        are written after the document's rows (and the borrowed ones). A second request at the same cursor with
+        no edit in between reuses what was written.
         """
         if not 0 <= offset <= len(self.doc.text):
             raise ValueError(f"cursor offset {offset} is outside the document's {len(self.doc.text)} characters")
@@ -377,9 +407,24 @@ class DocumentCache:
         history = (self.doc.ids[max(0, whole - HISTORY_TOKENS):whole] + extra)[-HISTORY_TOKENS:]
         positions = rows.positions
         position = int(positions[prefix_rows - 1]) + 1 if prefix_rows else 0
+        if borrowed is not None and not prefix_rows:
+            borrowed = None  # nothing of the document to place them before
         if not self.fim or not with_suffix:
             if not prefix_rows and not extra:
                 return CursorContext(None, None, healed, prefix, suffix, 0, 0, 0, history, built)
+            if borrowed is not None:
+                last = prefix_rows - 1  # fed again after the borrowed rows
+                key = ("prefix", last, inserted, borrowed.key)
+                cache, logits = rows.lend(last, room, int(positions[last]), prompt=key,
+                                          prompt_size=len(borrowed) + 1 + len(extra))
+                encoded = 0
+                if logits is None:
+                    cache.write(borrowed.keys, borrowed.values)
+                    logits = prefill(self.decoder, cache, [int(rows.ids[last]), *extra])
+                    rows.keep_prompt(key, cache, logits)
+                    encoded = 1 + len(extra)
+                return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, last + len(borrowed), encoded,
+                                     history, built)
             if extra:
                 cache, _ = rows.lend(prefix_rows, room + len(extra), position)
                 logits = prefill(self.decoder, cache, extra)
@@ -392,11 +437,15 @@ class DocumentCache:
         first = self._row(max(after, self.lo))
         last = min(len(rows), first + self.budget.suffix) if after < self.hi else first
         head = [*extra, self.fim[1], *self.tokenizer.encode(split)] if split else [*extra, self.fim[1]]
-        key = (prefix_rows, first, last, split, inserted)
-        cache, logits = rows.lend(prefix_rows, room, position, prompt=key, prompt_size=len(head) + last - first + 1)
-        reused = prefix_rows + last - first
+        key = (prefix_rows, first, last, split, inserted, borrowed.key if borrowed is not None else None)
+        lent = len(borrowed) if borrowed is not None else 0
+        cache, logits = rows.lend(prefix_rows, room, position, prompt=key,
+                                  prompt_size=lent + len(head) + last - first + 1)
+        reused = prefix_rows + last - first + lent
         if logits is not None:
             return CursorContext(cache, logits, healed, prefix, suffix, prefix_rows, reused, 0, history, built)
+        if borrowed is not None:
+            cache.write(borrowed.keys, borrowed.values)
         prefill(self.decoder, cache, head)
         if last > first:
             keys, values = rows.rows(first, last)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StoreStats:
-    bytes_used: int  # sum of the open caches' nbytes
+    bytes_used: int  # sum of the open caches' nbytes, and of rows copied out of them (held_elsewhere)
     buffers: int
     tokens: int  # rows in the open caches
     bytes_per_token: float
@@ -53,6 +53,7 @@ class BufferStore:
         self._caches: OrderedDict[str, BufferCache] = OrderedDict()
         self._evictions = self._restores = 0
         self._oversized = False
+        self.held_elsewhere = 0  # bytes of rows copied out of the caches and held by their user (cross-file context)
 
     def __contains__(self, uri: str) -> bool:
         return uri in self._caches
@@ -63,7 +64,7 @@ class BufferStore:
 
     @property
     def bytes_used(self) -> int:
-        return sum(c.nbytes for c in self._caches.values())
+        return sum(c.nbytes for c in self._caches.values()) + self.held_elsewhere
 
     def get(self, uri: str) -> BufferCache | None:
         """The open cache for `uri`, marked as in use; None if it is not in memory."""
@@ -117,11 +118,12 @@ class BufferStore:
                         self.budget_bytes)
         return evicted
 
-    def restore(self, uri: str, ids: Sequence[int], *, newest: int = 4) -> BufferCache | None:
+    def restore(self, uri: str, ids: Sequence[int], *, newest: int = 4, hold: bool = True) -> BufferCache | None:
         """Reopen `uri` from disk with the rows of the longest prefix of `ids` that a persisted cache holds (at
-        least persist.KEY_ROWS of them, or all of a shorter `ids`); then it is in use. Rows depend only on the
-        tokens before them, so a file saved for this text before a change further down restores up to the
-        change. Of the files that start like `ids`, the `newest` are looked at."""
+        least persist.KEY_ROWS of them, or all of a shorter `ids`); then it is in use (with `hold`; without, the
+        rows are only read, for a copy of some of them). Rows depend only on the tokens before them, so a file
+        saved for this text before a change further down restores up to the change. Of the files that start like
+        `ids`, the `newest` are looked at."""
         if self.persist_dir is None or self.decoder is None or not len(ids):
             return None
         ids = np.asarray(ids, np.int64)
@@ -138,7 +140,8 @@ class BufferStore:
             return None
         persist.touch(best.path)
         self._restores += 1
-        self.put(uri, cache)
+        if hold:
+            self.put(uri, cache)
         return cache
 
     def stats(self) -> StoreStats:

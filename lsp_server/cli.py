@@ -16,7 +16,7 @@ from lsp_server.cursor import InputError, parse_location, read_source, split_at
 from lsp_server.engine_process import HANG_TIMEOUT_S
 from lsp_server.options import MAX_DRAFTS, ServerOptions
 
-BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory", "languages")  # each a module bench.<suite> with main(argv)
+BENCH_SUITES = ("engine", "pie", "fim", "decode", "lsp", "typing", "cold", "isolation", "memory", "languages", "crossfile")  # each a module bench.<suite> with main(argv)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

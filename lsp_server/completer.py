@@ -24,6 +24,7 @@ from inference.syntax.finish import finish
 from inference.syntax.languages import language_of
 from inference.syntax.stop import SyntaxStop
 from kv_cache import persist
+from kv_cache.crossfile import ContextRows, CrossFileContext
 from kv_cache.document import CursorContext, DocumentCache, WindowBudget
 from kv_cache.edits import TextEdit
 from kv_cache.store import BufferStore
@@ -78,6 +79,7 @@ class Completer:
         self.ngram: NgramModel | None = None  # built in an idle step (a minute, once per tokenizer)
         self.wants_ngram = False  # a superposed request came: only that method re-scores with the n-gram model
         self._ngram_versions: dict[str, int] = {}
+        self.crossfile = CrossFileContext(model.decoder, model.tokenizer)
 
     # -- documents ---------------------------------------------------------------------------------------
 
@@ -100,9 +102,13 @@ class Completer:
             self._doc(uri).apply(edits)
         finally:
             self._edits_s += time.perf_counter() - t0
+        if edits:
+            self.crossfile.edited(uri, edits[-1].start)
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is not None:
+            self.crossfile.forget(uri)
+            self.store.held_elsewhere = self.crossfile.nbytes
             self.store.close(uri)
             self.save_state()
         if self.ngram is not None and self._ngram_versions.pop(uri, None) is not None:
@@ -136,13 +142,16 @@ class Completer:
         self.active = uri
         t0 = time.perf_counter()
         edits_s, self._edits_s = self._edits_s, 0.0
-        ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset),
-                          room=decode_rows(options), inserted=inserted)
+        borrowed = self._borrowed(uri, offset, options)
         t1 = time.perf_counter()
+        ctx = doc.context(offset, with_suffix=uses_suffix(options.layout, doc.text, offset),
+                          room=decode_rows(options), inserted=inserted, borrowed=borrowed)
+        t2 = time.perf_counter()
         self._reused += ctx.reused
         self._encoded += ctx.encoded
-        timings = {"edits_s": edits_s, "context_s": t1 - t0, "prompt_tokens": float(ctx.encoded),
-                   "window_tokens": float(ctx.built)}
+        timings = {"edits_s": edits_s, "cross_file_s": t1 - t0, "context_s": t2 - t0,
+                   "prompt_tokens": float(ctx.encoded), "window_tokens": float(ctx.built),
+                   "cross_file_tokens": float(len(borrowed) if borrowed is not None else 0)}
         if ctx.cache is None or ctx.logits is None or cancelled(""):
             return self._outcome([], timings, cancelled(""))
         language = self.languages[uri]
@@ -160,6 +169,17 @@ class Completer:
                 kept.setdefault(first_line(text)[0].strip(), Suggestion(text, draft.score))
         suggestions = list(kept.values())
         return self._outcome(suggestions, {**timings, **result.timings, "total_s": total}, stopped)
+
+    def _borrowed(self, uri: str, offset: int, options: CompletionOptions) -> ContextRows | None:
+        """Other files' rows for the prompt (kv_cache/crossfile.py); their copy counts against the memory budget."""
+        if not options.cross_file_tokens:
+            return None
+        held = self.crossfile.rows
+        rows = self.crossfile.rows_for(uri, offset, self.docs, self.languages, options.cross_file_tokens)
+        if rows is not held:
+            self.store.held_elsewhere = self.crossfile.nbytes
+            self.store.evict_to_budget()
+        return rows
 
     def _decode(self, uri: str, ctx: CursorContext, options: CompletionOptions,
                 request: DecodeRequest) -> GenerationResult:

@@ -46,6 +46,7 @@ class CompletionOptions:
     speculative: bool = True
     layout: str = "auto"  # "auto" | "fim" | "prefix": see prompt_layout
     draft_method: str = "forked"  # one of DRAFT_METHODS, for drafts > 1: bench/decode.py compares them
+    cross_file_tokens: int = 0  # tokens of other open files' chunks placed before the prompt (0: none)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from inference.quantize import DEFAULT_QUANTIZATION, QUANTIZATIONS
 from inference.registry import DEFAULT_MODEL
-from kv_cache.choices import IDLE_ROWS, SPLICE_MODES
+from kv_cache.choices import IDLE_ROWS, MAX_CROSS_FILE_TOKENS, MIN_CHUNK_TOKENS, SPLICE_MODES
 from lsp_server.completion import DRAFT_METHODS, LAYOUTS, REFRESH_POLICIES, SCOPES, CacheSettings, CompletionOptions
 
 SECTION = "superpie"  # the workspace/configuration section and the initializationOptions wrapper key
@@ -39,6 +39,8 @@ class ServerOptions:
     idle_rows: str = CacheSettings.idle_rows  # "int8" | "fp16" | "fp32": how the documents not in use keep their K/V
     refresh: str = CacheSettings.refresh  # "off" | "idle" | "threshold": when stale cache rows are re-encoded
     prefetch: bool = True  # while the model is idle, compute the suggestion that follows accepting the shown one
+    cross_file_context: bool = False  # other open files' chunks before the prompt (bench/crossfile.py chose it)
+    cross_file_tokens: int = 512  # their token budget
     log_level: str = "info"
 
     def model_identity(self) -> tuple[str, str]:
@@ -57,7 +59,8 @@ class ServerOptions:
         """What one request decodes with under these settings (the tests that pick prompts in-process use
         the same, so they see what the server will answer)."""
         return CompletionOptions(max_tokens=self.max_tokens, drafts=drafts, scope=self.scope,
-                                 speculative=self.speculative, layout=self.layout, draft_method=self.draft_method)
+                                 speculative=self.speculative, layout=self.layout, draft_method=self.draft_method,
+                                 cross_file_tokens=self.cross_file_tokens if self.cross_file_context else 0)
 
 
 def _camel(name: str) -> str:
@@ -123,6 +126,8 @@ _CHECKS = {
     "idle_rows": _choice(tuple(IDLE_ROWS)),
     "refresh": _choice(REFRESH_POLICIES),
     "prefetch": _flag,
+    "cross_file_context": _flag,
+    "cross_file_tokens": _int_in(MIN_CHUNK_TOKENS, MAX_CROSS_FILE_TOKENS),
     "log_level": _choice(LOG_LEVELS),
 }
 

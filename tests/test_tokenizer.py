@@ -223,6 +223,7 @@ def test_prompt_of_special_ids_and_text_decodes_verbatim(tokenizer: CodeTokenize
 
 def test_qwen_fim_ids_are_found_by_name(qwen: CodeTokenizer):
     assert (qwen.specials.fim_prefix, qwen.specials.fim_suffix, qwen.specials.fim_middle) == (151659, 151661, 151660)
+    assert qwen.specials.file_sep == qwen.hf.token_to_id("<|file_sep|>") == 151664
 
 
 def test_qwen_eos_bos_pad_and_vocab_size(qwen: CodeTokenizer):
@@ -238,6 +239,7 @@ def test_qwen_stop_ids_cover_end_of_text_and_file_boundaries(qwen: CodeTokenizer
 def test_smollm_has_no_fim_tokens_and_stops_at_im_end(smollm: CodeTokenizer):
     assert (smollm.specials.fim_prefix, smollm.specials.fim_suffix, smollm.specials.fim_middle) == (None, None, None)
     assert smollm.specials.eos == smollm.hf.token_to_id("<|im_end|>") == 2
+    assert smollm.specials.file_sep is None
     assert smollm.hf.token_to_id("<|endoftext|>") in smollm.specials.stop
 
 
@@ -245,7 +247,8 @@ def test_special_ids_round_trip_through_gguf_metadata(tiny_vocab: TinyVocab, tmp
     tokens, token_types, merges = tiny_vocab
     ids = {"eos": 5, "bos": 0, "pad": 4, "fim_prefix": 3, "fim_suffix": 1, "fim_middle": 2}
     reader = _write_gguf(tmp_path / "t.gguf", tokenizer_metadata(tokens, token_types, merges, "qwen2", ids))
-    assert tokenizer_from_gguf(reader).specials == SpecialTokens(**ids, stop=frozenset(range(6)))
+    file_sep = tokens.index("<|file_sep|>")  # found by name: GGUF has no key for it
+    assert tokenizer_from_gguf(reader).specials == SpecialTokens(**ids, stop=frozenset(range(6)), file_sep=file_sep)
 
 
 def test_metadata_rejects_unknown_special_name(tiny_vocab: TinyVocab):

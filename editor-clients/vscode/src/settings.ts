@@ -23,6 +23,8 @@ export const SERVER_OPTION_KEYS = [
     'idleRows',
     'refresh',
     'prefetch',
+    'crossFileContext',
+    'crossFileTokens',
     'logLevel',
 ] as const;
 

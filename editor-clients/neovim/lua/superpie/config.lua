@@ -51,7 +51,8 @@ M.defaults = {
 --- The server option names (lsp_server/options.py, camelCase on the wire).
 M.server_options = {
   'model', 'quantization', 'drafts', 'automaticDrafts', 'draftMethod', 'maxTokens', 'scope', 'speculative',
-  'layout', 'cacheMode', 'memoryBudgetMb', 'persistMaxMb', 'idleRows', 'refresh', 'prefetch', 'logLevel',
+  'layout', 'cacheMode', 'memoryBudgetMb', 'persistMaxMb', 'idleRows', 'refresh', 'prefetch',
+  'crossFileContext', 'crossFileTokens', 'logLevel',
 }
 
 ---@type superpie.Config
