@@ -238,7 +238,7 @@ class CrossFileContext:
         rows_at = np.concatenate([np.arange(s.start, s.stop) for s in borrowed])
         new_at = np.concatenate([np.arange(s.start, s.stop) for s in headers])
         # A header token sees the chunk rows before it and the header tokens before it (causal by position).
-        bias = np.where(rows_at[None, :] < new_at[:, None], 0.0, NEG_INF).astype(np.float32)
+        bias = np.where(rows_at[None, :] < new_at[:, None], 0.0, NEG_INF)
         bias = np.concatenate([bias, np.where(new_at[None, :] <= new_at[:, None], 0.0, NEG_INF)], axis=1)
         out = self.decoder.forward(np.asarray(ids)[new_at], positions[new_at], [k[:, rows_at] for k in keys],
                                    [v[:, rows_at] for v in values], bias=bias.astype(np.float32))

@@ -3,6 +3,9 @@ positions give the prompt the layout says (kv_cache/crossfile.py)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -192,21 +195,10 @@ def test_rows_of_an_idle_document_are_borrowed_without_waking_it(completer):
 
 
 def test_no_context_without_a_file_separator_token(completer, tiny_model_fp32):
-    import dataclasses
-
-    tokenizer = dataclasses.replace  # keep the name short below
-    specials = tokenizer(tiny_model_fp32.tokenizer.specials, file_sep=None)
-    plain = CrossFileContext.__new__(CrossFileContext)
-    plain.__init__(tiny_model_fp32.decoder, _WithSpecials(tiny_model_fp32.tokenizer, specials))
+    tokenizer = copy.copy(tiny_model_fp32.tokenizer)
+    tokenizer.specials = dataclasses.replace(tokenizer.specials, file_sep=None)
+    plain = CrossFileContext(tiny_model_fp32.decoder, tokenizer)
     assert plain.rows_for(MAIN_URI, CURSOR, completer.docs, completer.languages, 512) is None
-
-
-class _WithSpecials:
-    def __init__(self, tokenizer, specials) -> None:
-        self._tokenizer, self.specials = tokenizer, specials
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
 
 
 @pytest.mark.parametrize("language, source, names", [
