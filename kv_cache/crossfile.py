@@ -90,6 +90,7 @@ class _Index:
     lines: int
     chunks: list[CodeChunk]
     defined: frozenset[str]
+    imported: frozenset[str]  # the words of its import lines
 
 
 class CrossFileContext:
@@ -126,11 +127,10 @@ class CrossFileContext:
         line_start = text.rfind("\n", 0, offset) + 1
         nearby = text[_nth_newline_before(text, line_start, NEARBY_LINES):line_start]
         weights: Counter[str] = Counter(_WORD.findall(nearby))
-        for line in text.splitlines():
-            if _IMPORT_LINE.match(line):
-                for name in _WORD.findall(line):
-                    weights[name] += IMPORT_WEIGHT if name not in weights else 0
-        own = self._index(uri, here, languages, typing=True).defined
+        index = self._index(uri, here, languages, typing=True)
+        for name in index.imported:
+            weights[name] += IMPORT_WEIGHT if name not in weights else 0
+        own = index.defined
         candidates = []
         for other, doc in docs.items():
             if other == uri:
@@ -166,8 +166,11 @@ class CrossFileContext:
         lines = doc.text.count("\n")
         if index is not None and (index.version == doc.version or typing and index.lines == lines):
             return index
-        chunks = code_chunks(language_of(languages.get(uri, ""), uri), doc.text)
-        index = _Index(doc.version, lines, chunks, frozenset().union(*(c.names for c in chunks)))
+        text = doc.text
+        chunks = code_chunks(language_of(languages.get(uri, ""), uri), text)
+        imported = frozenset(name for line in text.splitlines() if _IMPORT_LINE.match(line)
+                             for name in _WORD.findall(line))
+        index = _Index(doc.version, lines, chunks, frozenset().union(*(c.names for c in chunks)), imported)
         self._indexes[uri] = index
         return index
 

@@ -127,6 +127,59 @@ def test_context_rows_are_the_source_rows_moved_and_headers_encoded_after_them(c
         np.testing.assert_allclose(rows.values[layer], ref.values[layer][:, :ref.length], rtol=0, atol=1e-4)
 
 
+def test_a_chunk_placed_by_rotation_equals_its_file_encoded_fresh_at_that_place(completer, tiny_model_fp32):
+    """PIE's claim for borrowed rows: the source file encoded from scratch with its positions shifted so that the
+    chunk lands where the context put it gives the same keys and values (RoPE: a shift is one more rotation)."""
+    model = tiny_model_fp32
+    rows = completer.crossfile.rows_for(MAIN_URI, CURSOR, completer.docs, completer.languages, 512)
+    doc = completer.docs[SHAPES_URI]
+    at = len(completer.crossfile._header("pkg/shapes.py"))  # the first chunk follows its file's header
+    chunk = min(rows.chunks, key=lambda c: c.start)
+    assert rows.ids[at:at + chunk.stop - chunk.start] == doc.ids[chunk.start:chunk.stop]
+    first = doc.row_of(chunk.start, chunk.stop)  # the document's rows start with the prompt's first token
+    last = first + chunk.stop - chunk.start
+    fresh = DecodeCache.empty(model.config, last)
+    fresh.position = -len(rows) + at - first  # so that the chunk's first row sits at the context's position
+    prefill(model.decoder, fresh, doc.cache().ids[:last].tolist())
+    span = slice(at, at + chunk.stop - chunk.start)
+    for layer in range(model.config.n_layers):
+        np.testing.assert_allclose(rows.keys[layer][:, span], fresh.keys[layer][:, first:last], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(rows.values[layer][:, span], fresh.values[layer][:, first:last], rtol=0,
+                                   atol=1e-4)
+
+
+def test_chunks_of_an_evicted_document_are_read_from_disk_and_usable_after_it_returns(tiny_model_fp32, tmp_path,
+                                                                                     completer):
+    """With a budget that holds one document, the other one's chunks come from its saved file (int8 on disk,
+    persist.py) without bringing it back; once it is in use again and edited, its chunks follow the edit."""
+    small = Completer(tiny_model_fp32, cache=CacheSettings(budget_mb=0.05), persist_dir=tmp_path)
+    small.open(SHAPES_URI, SHAPES, "python")
+    small.open(MAIN_URI, MAIN, "python")
+    while small.refresh_step():
+        pass
+    small.docs[MAIN_URI].cache()
+    small.store.evict_to_budget()
+    assert small.store.peek(SHAPES_URI) is None and list(tmp_path.iterdir())  # on disk only
+    exact = completer.crossfile.rows_for(MAIN_URI, CURSOR, completer.docs, completer.languages, 512)
+    read = small.crossfile.rows_for(MAIN_URI, CURSOR, small.docs, small.languages, 512)
+    assert read is not None and read.ids == exact.ids
+    assert small.store.peek(SHAPES_URI) is None  # read, not restored
+    for got, want in zip(read.keys + read.values, exact.keys + exact.values):
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # the disk codec's rounding, not misplaced rows
+    options = CompletionOptions(drafts=1, max_tokens=4, cross_file_tokens=512)
+    assert small.complete(MAIN_URI, CURSOR, options).timings["cross_file_tokens"] == len(read)
+    for c in (small, completer):  # back in use, then edited above the chunks
+        c.change(SHAPES_URI, [TextEdit(0, 0, "# shapes\n")])
+        while c.refresh_step():
+            pass
+    assert small.store.peek(SHAPES_URI) is not None or small.store.peek(MAIN_URI) is not None
+    moved = small.crossfile.rows_for(MAIN_URI, CURSOR, small.docs, small.languages, 512)
+    want = completer.crossfile.rows_for(MAIN_URI, CURSOR, completer.docs, completer.languages, 512)
+    assert moved.key != read.key and moved.ids == want.ids
+    for got, ref in zip(moved.keys + moved.values, want.keys + want.values):
+        assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+
+
 def test_the_prompt_with_borrowed_rows_sees_them_before_the_document(completer, tiny_model_fp32):
     """Prefix layout: the document's rows before the last prompt token, the context, the last token fed again;
     equal to a prompt built with the context at 0..L-1 and the document's rows moved after it."""

@@ -771,6 +771,39 @@ async def test_draft_method_round_trips_through_initialization_options_and_confi
         await stop_server(client)
 
 
+async def test_cross_file_context_is_placed_when_the_setting_is_on_and_not_after_it_is_turned_off(tiny_gguf,
+                                                                                                   tiny_cache,
+                                                                                                   tiny_model):
+    """Two open files: the completion in main.py places the chunks of shapes.py that define the names it uses,
+    as the in-process completer does for the same requests; turned off by workspace/configuration, none."""
+    from tests.test_crossfile import CURSOR, MAIN, MAIN_URI, SHAPES, SHAPES_URI
+
+    client = await start_server(tiny_gguf, tiny_cache, init_options={
+        "superpie": {"crossFileContext": True, "crossFileTokens": 256}})
+    try:
+        shapes, main = Doc(client, SHAPES_URI, SHAPES), Doc(client, MAIN_URI, MAIN)
+        await shapes.inline()  # encodes shapes.py's rows (a request does not wait for idle work)
+        await main.inline(CURSOR)
+        placed = (await stats(client))["cache"]["recent_timings"]
+        expected = Completer(tiny_model)
+        expected.open(SHAPES_URI, SHAPES)
+        expected.open(MAIN_URI, MAIN)
+        options = CompletionOptions(cross_file_tokens=256)
+        expected.complete(SHAPES_URI, len(SHAPES), options)
+        want = expected.complete(MAIN_URI, CURSOR, options).timings["cross_file_tokens"]
+        assert want > 0 and any(t.get("cross_file_tokens") == want for t in placed)
+        client.set_configuration({"crossFileContext": False}, section="superpie")
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+        settled = await _settle(client, lambda r: r["server"]["settings"]["crossFileContext"] is False)
+        before = len(settled["cache"]["recent_timings"])  # the jobs queued before the change (a prefetch) are done
+        main.edit(CURSOR, CURSOR, "b")  # a new cursor, so the answer is not the one already shown
+        await main.inline(CURSOR + 1)
+        after = (await stats(client))["cache"]["recent_timings"][before:]
+        assert after and all(t["cross_file_tokens"] == 0 for t in after)
+    finally:
+        await stop_server(client)
+
+
 async def test_invalid_settings_warn_and_fall_back_to_the_defaults(tiny_gguf, tiny_cache):
     client = await start_server(tiny_gguf, tiny_cache, init_options={"drafts": "many", "colour": "red"})
     try:
