@@ -60,8 +60,12 @@ Pause latency for the peer runs from the keystroke's provider call to its return
 user waits for. Keep-up counts a keystroke answered when its call returned a suggestion or an empty answer before the
 next keystroke.
 
+**Cross-file context (`--cross-file TOKENS`).** A second `superpie serve` with `crossFileContext` on
+(`crossFileTokens` TOKENS) is typed into in turn with the first, whose setting is off; both have the other files of
+`requests` (the pinned sdist of `bench crossfile`) open as tabs, so what differs is the context alone.
+
     python -m bench.typing [--data FILE] [--limit N] [--against URL] [--json OUT] [--model M] [--cache DIR]
-                           [--interval-ms MS] [--debounce-ms MS]
+                           [--interval-ms MS] [--debounce-ms MS] [--cross-file TOKENS]
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ SIMILAR_RATIO = 0.8
 ANSWER_TIMEOUT_S = 600.0
 CANCELLED_CODES = (-32800, -32801)  # RequestCancelled, ContentModified
 SUPERPIE, PEER = "superpie", "llama.cpp"
+CONTEXT = "superpie + cross-file"  # the second server of --cross-file
 PAUSE_KINDS = ("line_start", "mid_line")
 _WORD = re.compile(r"\w")
 
@@ -265,14 +270,15 @@ class Typist(Protocol):
 
 
 class SuperpieTypist:
-    """`superpie serve` over stdio, with its default settings."""
+    """`superpie serve` over stdio; with `tabs` (uri -> text), those documents are open beside the typed one, as
+    the project's other files are in an editor."""
 
-    name = SUPERPIE
-
-    def __init__(self, server: BenchServer) -> None:
-        self.server = server
+    def __init__(self, server: BenchServer, name: str = SUPERPIE, tabs: dict[str, str] | None = None) -> None:
+        self.server, self.name = server, name
         self.doc: OpenDocument | None = None
         self._pending: tuple[int, asyncio.Future] | None = None  # the last request's id and response future
+        self.tabs = tabs or {}
+        self._open_tabs: dict[str, OpenDocument] = {}
 
     @property
     def text(self) -> str:
@@ -280,6 +286,12 @@ class SuperpieTypist:
         return self.doc.text
 
     async def open(self, uri: str, text: str) -> None:
+        """The typed document, in place of the tab with its path (that tab comes back with the next record)."""
+        for tab, tab_text in self.tabs.items():
+            if tab != uri and tab not in self._open_tabs:
+                self._open_tabs[tab] = await self.server.open(tab, tab_text)
+        if uri in self._open_tabs:
+            await self.server.close(self._open_tabs.pop(uri))
         self.doc = await self.server.open(uri, text)
 
     def _change(self, edit: TextEdit) -> bytes:
@@ -851,28 +863,46 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 # -- the run --------------------------------------------------------------------------------------------------------
 
+def package_tabs() -> dict[str, str]:
+    """`requests`' files (the pinned sdist of bench crossfile) under the URIs the typed records get: the project's
+    other files, open beside the one being typed."""
+    from bench.crossfile_sources import load_package_files
+
+    return {f"file:///bench/{f.path}": f.text for f in load_package_files(stdlib=()) if f.package == "requests"}
+
+
 async def _run(model: str, cache: Path | None, against: str | None, peer_config: LlamaVscodeConfig,
-               lines: list[TypedLine], records: list[dict[str, Any]], interval: float,
+               lines: list[TypedLine], records: list[dict[str, Any]], interval: float, cross_file: int,
                log: Any) -> dict[str, tuple[list[LineRun], dict[str, Any]]]:
     """Record by record, each engine in turn (one busy at a time), so the shared machine's load drifts alike for
-    both; per engine, its runs and what its server reported."""
-    server = await BenchServer.start("default", model=model, cache=cache, refresh="idle", log=log, settings={})
+    all; per engine, its runs and what its server reported. With `cross_file` tokens, a second superpie server has
+    crossFileContext on, and both have the project's other files open."""
+    variants = {SUPERPIE: {}} if not cross_file else {
+        SUPERPIE: {"crossFileContext": False}, CONTEXT: {"crossFileContext": True, "crossFileTokens": cross_file}}
+    tabs = package_tabs() if cross_file else None
+    servers = {name: await BenchServer.start(name, model=model, cache=cache, refresh="idle", log=log,
+                                             settings=settings) for name, settings in variants.items()}
     peer = LlamaVscodeTypist(against, peer_config) if against else None
-    typists: list[Typist] = [SuperpieTypist(server), *([peer] if peer else [])]
+    typists: list[Typist] = [*(SuperpieTypist(s, name, tabs) for name, s in servers.items()), *([peer] if peer else [])]
     runs: dict[str, list[LineRun]] = {t.name: [] for t in typists}
     warm: dict[str, list[float]] = {t.name: [] for t in typists}
+    out = {}
     try:
-        await server.wait_ready()
+        for server in servers.values():
+            await server.wait_ready()
         for group in by_record(lines):
             for typist in typists:
                 group_runs, group_warm = await type_record(typist, records[group[0].record], group, interval)
                 runs[typist.name].extend(group_runs)
                 warm[typist.name].append(group_warm)
-        state = (await server.stats())["server"]
-        out = {SUPERPIE: (runs[SUPERPIE], {"warm_up_ms": warm[SUPERPIE], "counters": state.get("counters"),
-                                           "rss_mb": state.get("rss_mb"), "messages": server.client.messages})}
+        for name, server in servers.items():
+            state = (await server.stats())["server"]
+            out[name] = (runs[name], {"warm_up_ms": warm[name], "counters": state.get("counters"),
+                                      "rss_mb": state.get("rss_mb"), "settings": variants[name],
+                                      "messages": server.client.messages})
     finally:
-        await server.client.close()
+        for server in servers.values():
+            await server.client.close()
         if peer:
             await peer.close()
     if peer:
@@ -884,9 +914,10 @@ async def _run(model: str, cache: Path | None, against: str | None, peer_config:
 
 def run_typing_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, limit: int = DEFAULT_LIMIT,
                      against: str | None = None, json_out: Path | None = None, cache: Path | None = None,
-                     interval_s: float = INTERVAL_S, peer_config: LlamaVscodeConfig | None = None) -> dict[str, Any]:
-    """Type the lines into superpie (and into the peer when `against` is a URL); print the table, write the JSON;
-    returns the summary."""
+                     interval_s: float = INTERVAL_S, peer_config: LlamaVscodeConfig | None = None,
+                     cross_file: int = 0) -> dict[str, Any]:
+    """Type the lines into superpie (and into the peer when `against` is a URL; and into a second superpie with
+    `cross_file` tokens of cross-file context); print the table, write the JSON; returns the summary."""
     if limit < 1:
         raise ValueError("--limit must be at least 1")
     records = load_records(data)
@@ -896,12 +927,13 @@ def run_typing_bench(model: str = DEFAULT_MODEL, *, data: Path = DEFAULT_DATA, l
     load_before = os.getloadavg()
     with tempfile.NamedTemporaryFile("w", prefix="superpie-bench-typing-", suffix=".log", delete=False) as log:
         print(f"server logs: {log.name}", file=sys.stderr)
-        results = asyncio.run(_run(model, cache, against, peer_config, lines, records, interval_s, log))
+        results = asyncio.run(_run(model, cache, against, peer_config, lines, records, interval_s, cross_file, log))
     engines = {name: {"summary": summarize(runs), "server": info, "lines": [asdict(r) for r in runs]}
                for name, (runs, info) in results.items()}
     summary = {
         "model": model, "data": str(data), "limit": limit, "interval_ms": round(1000 * interval_s, 3),
         "pause_fraction": PAUSE_FRACTION, "similar_ratio": SIMILAR_RATIO, "superpie_settings": "server defaults",
+        "cross_file_tokens": cross_file,
         "machine": machine_info(load_before),
         "wall_s": round(time.perf_counter() - t0, 1),
         "lines": [{"record": ln.record, "commit": records[ln.record]["commit"], "path": records[ln.record]["path"],
@@ -926,10 +958,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=float, default=1000 * INTERVAL_S, help="between keystrokes (120)")
     parser.add_argument("--debounce-ms", type=float, default=1000 * PEER_DEBOUNCE_S,
                         help="the peer client's debounce (150)")
+    parser.add_argument("--cross-file", type=int, default=0, metavar="TOKENS",
+                        help="also a server with crossFileContext on (crossFileTokens TOKENS), both with requests' "
+                             "other files open (0: neither)")
     args = parser.parse_args(argv)
+    if args.cross_file < 0:
+        parser.error("--cross-file must be 0 or more")
     config = LlamaVscodeConfig(debounce_s=args.debounce_ms / 1000)
     run_typing_bench(args.model, data=args.data, limit=args.limit, against=args.against, json_out=args.json_out,
-                     cache=args.cache, interval_s=args.interval_ms / 1000, peer_config=config)
+                     cache=args.cache, interval_s=args.interval_ms / 1000, peer_config=config,
+                     cross_file=args.cross_file)
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.pie import load_records
-from bench.typing import (PAUSE_KINDS, PEER, SUPERPIE, LlamaVscodeConfig, LlamaVscodeTypist, accepted_line,
+from bench.typing import (CONTEXT, PAUSE_KINDS, PEER, SUPERPIE, LlamaVscodeConfig, LlamaVscodeTypist, accepted_line,
                           mid_pause, plan_lines, run_typing_bench, similarity, summarize, type_lines)
 from tests.test_bench_pie import records, write_records
 
@@ -152,3 +152,24 @@ def test_typing_bench_on_tiny_model_side_by_side(tiny_gguf: Path, tiny_cache: Pa
     assert summary["results"][PEER]["exact"] == 1.0
     assert summary["machine"]["cpu"] and summary["interval_ms"] == 0
     assert "| pauses | 6 | 6 |" in capsys.readouterr().out
+
+
+def test_typing_bench_with_cross_file_context_types_into_both_servers(tiny_gguf: Path, tiny_cache: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cross-file: the same lines typed into a server without and one with crossFileContext, both with the other
+    tabs open (one of them has a typed record's path)."""
+    data = write_records(tmp_path / "edits.jsonl.gz")
+    recs = load_records(data)
+    tabs = {f"file:///bench/{recs[0]['path']}": recs[0]["before"],
+            "file:///bench/pkg/shapes.py": "def circle_area(radius):\n    return 3.14 * radius * radius\n"}
+    monkeypatch.setattr("bench.typing.package_tabs", lambda: tabs)
+    out = tmp_path / "typing.json"
+    run_typing_bench(str(tiny_gguf), data=data, limit=3, json_out=out, cache=tiny_cache, interval_s=0.0,
+                     cross_file=256)
+    summary = json.loads(out.read_text())
+    assert list(summary["results"]) == [SUPERPIE, CONTEXT] and summary["cross_file_tokens"] == 256
+    for name in (SUPERPIE, CONTEXT):
+        check_invariants(summary, name, 3)
+    assert summary["engines"][CONTEXT]["server"]["settings"] == {"crossFileContext": True, "crossFileTokens": 256}
+    assert summary["engines"][SUPERPIE]["server"]["settings"] == {"crossFileContext": False}
