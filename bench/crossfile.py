@@ -15,9 +15,11 @@ Reported per package group (requests, stdlib) and overall: exact match of the fi
 edit similarity (difflib ratio), with and without; the latency from the write to the answer (p50, p90) and its
 ratio on / off in this run; the chunks and tokens of context the server placed; the servers' RSS at the end.
 
-The approximation (`--agreement N`, in this process, on the first N targets): the server's prompt with borrowed
-rows against a fresh encode of the same token ids (the context's ids, then the document's), both in fp32 over the
-same model: how often their next tokens (argmax) agree, and the greedy first lines.
+The approximation and its ceiling (`--agreement N`, in this process, on N targets drawn evenly): at each target
+that gets context, the server's prompt with borrowed rows, the same token ids encoded fresh (the context's, then
+the document's) and the document alone, on the server's model and quantization: how often borrowed and fresh agree
+on the next token (argmax) and on the greedy first line, and the exact first lines of all three. Fresh is what
+this context could give if every row of the prompt had seen it.
 
     superpie bench crossfile [--data DIR] [--limit N] [--tokens N] [--agreement N] [--json OUT] [--model M]
 """
@@ -167,21 +169,24 @@ async def _run(model: str, cache: Path | None, files: list[PackageFile], targets
             await server.client.close()
 
 
-# -- the approximation, in process ----------------------------------------------------------------------------------
+# -- the approximation and the ceiling, in process ------------------------------------------------------------------
 
-def agreement(model_name: str, cache: Path | None, files: list[PackageFile], targets: list[CrossTarget],
-              tokens: int) -> dict[str, Any]:
-    """The borrowed-rows prompt against a fresh encode of the same ids (fp32): next token and greedy first line.
-    One completer holds the documents, as a server does: each target's line is emptied by an edit, measured once the
-    idle work is done, and restored."""
+def in_process(model_name: str, cache: Path | None, files: list[PackageFile], targets: list[CrossTarget],
+               tokens: int) -> dict[str, Any]:
+    """On the server's model and quantization, one completer holding the documents as a server does (each
+    target's line emptied by an edit, measured once the idle work is done, then restored). At each target that gets
+    context, three prompts: the document alone (off), the server's prompt with borrowed rows, and the same token
+    ids encoded fresh (what the context could give if every row saw it). Reported: how often borrowed and fresh
+    agree on the next token (argmax) and on the greedy first line, and the exact first lines of each."""
     from inference.model_store import load_model
     from kv_cache.edits import TextEdit
     from lsp_server.completer import Completer
 
-    model = load_model(model_name, "fp32", cache=cache, progress=False)
+    model = load_model(model_name, cache=cache, progress=False)
     completer = Completer(model)
     by_path = {(f.package, f.path): f for f in files}
     same_token = same_line = n = 0
+    exact = {"off": 0, "borrowed": 0, "fresh": 0}
     for cross in targets:
         target = cross.target
         needed = {uri_of(f): f for f in [by_path[(target.source, target.name)], *(
@@ -199,17 +204,27 @@ def agreement(model_name: str, cache: Path | None, files: list[PackageFile], tar
         doc = completer.docs[uri]
         borrowed = completer.crossfile.rows_for(uri, target.cursor, completer.docs, completer.languages, tokens)
         if borrowed is not None:
+            n += 1
             # an emptied line has nothing after the cursor: the server's "auto" layout is the prefix one
+            off = doc.context(target.cursor, with_suffix=False, room=32)
+            lines = {"off": _greedy_line(model, off.cache, off.logits)}
             ctx = doc.context(target.cursor, with_suffix=False, room=32, borrowed=borrowed)
             ids = [*borrowed.ids, *doc.cache().ids[:ctx.prefix_rows].tolist()]
             fresh = DecodeCache.empty(model.config, len(ids) + 32)
             fresh_logits = prefill(model.decoder, fresh, ids)
-            n += 1
             same_token += int(np.argmax(ctx.logits) == np.argmax(fresh_logits))
-            same_line += _greedy_line(model, ctx.cache, ctx.logits) == _greedy_line(model, fresh, fresh_logits)
+            lines["borrowed"] = _greedy_line(model, ctx.cache, ctx.logits)
+            lines["fresh"] = _greedy_line(model, fresh, fresh_logits)
+            same_line += lines["borrowed"] == lines["fresh"]
+            for kind, line in lines.items():
+                exact[kind] += line.strip() == target.expected.strip()
+            print(f"in process {target.name}: " + " | ".join(f"{k} {v.strip()!r}" for k, v in lines.items()),
+                  file=sys.stderr, flush=True)
         completer.change(uri, [TextEdit(target.cursor, target.cursor, target.expected)])
-    return {"targets": n, "next_token_agreement": round(same_token / n, 4) if n else None,
-            "first_line_agreement": round(same_line / n, 4) if n else None}
+    return {"targets": len(targets), "with_context": n,
+            "next_token_agreement": round(same_token / n, 4) if n else None,
+            "first_line_agreement": round(same_line / n, 4) if n else None,
+            "exact": {kind: round(k / n, 4) if n else None for kind, k in exact.items()}}
 
 
 def _greedy_line(model: Any, cache: DecodeCache, logits: np.ndarray, steps: int = 24) -> str:
@@ -239,7 +254,8 @@ def run_crossfile_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
         print(f"server log: {log.name}", file=sys.stderr)
         rows, info = asyncio.run(_run(model, cache, files, targets, tokens, log))
     lsp_s = time.perf_counter() - t0
-    approx = agreement(model, cache, files, targets[:agreement_targets], tokens) if agreement_targets else None
+    approx = in_process(model, cache, files, targets[::max(len(targets) // agreement_targets, 1)][:agreement_targets],
+                        tokens) if agreement_targets else None
     summary = {
         "model": model,
         "settings": {"limit": limit, "cross_file_tokens": tokens, "trigger": "invoked",
@@ -256,9 +272,10 @@ def run_crossfile_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
     print(f"Cross-file context: {model}, {summary['machine'].get('cpu')} ({os.cpu_count()} cores), {len(targets)} "
           f"targets, budget {tokens} tokens")
     print(format_table(summary["results"]))
-    if approx:
-        print(f"borrowed rows vs a fresh encode of the same prompt ({approx['targets']} targets): next token "
-              f"{approx['next_token_agreement']}, greedy first line {approx['first_line_agreement']}")
+    if approx and approx["with_context"]:
+        print(f"in process, {approx['with_context']} of {approx['targets']} targets with context: borrowed rows vs a "
+              f"fresh encode of the same prompt agree on the next token {approx['next_token_agreement']}, on the "
+              f"greedy first line {approx['first_line_agreement']}; exact first lines {approx['exact']}")
     print(f"memory: {info['memory']}")
     save_results(summary, json_out or DEFAULT_JSON)
     return summary
@@ -274,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                         help=f"crossFileTokens of the server with context ({DEFAULT_TOKENS})")
     parser.add_argument("--agreement", type=int, default=DEFAULT_AGREEMENT,
-                        help=f"targets for the borrowed-rows agreement in process ({DEFAULT_AGREEMENT}; 0: none)")
+                        help=f"targets (evenly drawn) for the in-process agreement of borrowed rows with a fresh "
+                             f"encode ({DEFAULT_AGREEMENT}; 0: none)")
     parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
     args = parser.parse_args(argv)
     run_crossfile_bench(args.model, cache=args.cache, data=args.data, json_out=args.json_out, limit=args.limit,

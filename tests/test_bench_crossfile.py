@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import json
 import platform
 import tarfile
 from dataclasses import replace
@@ -191,3 +192,31 @@ def test_an_sdist_that_is_not_the_pinned_one_is_refused(tmp_path: Path, monkeypa
     (tmp_path / "archives" / REQUESTS.archive).write_bytes(payload)
     with pytest.raises(SourceError, match="not the pinned"):
         load_package_files(tmp_path, stdlib=())
+
+
+# -- the whole run ----------------------------------------------------------------------------------------------
+
+def test_the_benchmark_on_the_tiny_model_over_the_fixture_package(tiny_gguf: Path, tiny_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Both servers answer every target; the one with the setting places context; the in-process phase compares
+    the borrowed-rows prompt with a fresh encode of the same ids at the targets that get context."""
+    from bench import crossfile
+
+    monkeypatch.setattr(crossfile, "load_package_files", lambda data: fixture_files())
+    monkeypatch.setattr(crossfile, "crossfile_targets", lambda files, limit: crossfile_targets(files, limit,
+                                                                                                min_bytes=0))
+    out = tmp_path / "crossfile.json"
+    summary = crossfile.run_crossfile_bench(str(tiny_gguf), cache=tiny_cache, json_out=out, limit=4, tokens=256,
+                                            agreement_targets=2)
+    assert json.loads(out.read_text())["results"] == summary["results"]
+    rows = summary["rows"]
+    assert [r["mode"] for r in rows].count("on") == [r["mode"] for r in rows].count("off") == 4
+    assert all(r["context_tokens"] == 0 for r in rows if r["mode"] == "off")
+    assert any(r["context_tokens"] > 0 for r in rows if r["mode"] == "on")
+    assert summary["results"]["all"]["on"]["n"] == 4
+    approx = summary["agreement"]
+    assert approx["targets"] == 2 and 1 <= approx["with_context"] <= 2
+    assert 0 <= approx["next_token_agreement"] <= 1 and set(approx["exact"]) == {"off", "borrowed", "fresh"}
+    assert set(summary["memory"]) == {"off", "on"}
+    assert "| all | 4 |" in capsys.readouterr().out
