@@ -19,9 +19,11 @@ The approximation and its ceiling (`--agreement N`, in this process, on N target
 that gets context, the server's prompt with borrowed rows, the same token ids encoded fresh (the context's, then
 the document's) and the document alone, on the server's model and quantization: how often borrowed and fresh agree
 on the next token (argmax) and on the greedy first line, and the exact first lines of all three. Fresh is what
-this context could give if every row of the prompt had seen it.
+this context could give if every row of the prompt had seen it. A fourth prompt, `oracle`, is fresh too, with the
+chunks a perfect choice would take: those defining the names the target line itself uses.
 
-    superpie bench crossfile [--data DIR] [--limit N] [--tokens N] [--agreement N] [--json OUT] [--model M]
+    superpie bench crossfile [--data DIR] [--limit N] [--tokens N] [--agreement N] [--no-served] [--json OUT]
+                             [--model M]
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from bench.languages import similarity
 from bench.lsp import INVOKED, BenchServer, Keystroke, percentile
 from inference.generate import DecodeCache, prefill
 from inference.registry import DEFAULT_MODEL
+from inference.syntax.definitions import code_chunks
+from inference.syntax.languages import language_of
+from kv_cache.crossfile import MAX_CHUNK_TOKENS
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "crossfile.json"
 DEFAULT_LIMIT = 120
@@ -175,9 +180,10 @@ def in_process(model_name: str, cache: Path | None, files: list[PackageFile], ta
                tokens: int) -> dict[str, Any]:
     """On the server's model and quantization, one completer holding the documents as a server does (each
     target's line emptied by an edit, measured once the idle work is done, then restored). At each target that gets
-    context, three prompts: the document alone (off), the server's prompt with borrowed rows, and the same token
-    ids encoded fresh (what the context could give if every row saw it). Reported: how often borrowed and fresh
-    agree on the next token (argmax) and on the greedy first line, and the exact first lines of each."""
+    context, four prompts: the document alone (off), the server's prompt with borrowed rows, the same token ids
+    encoded fresh (what the context could give if every row saw it), and the oracle's chunks encoded fresh (what a
+    perfect choice could give). Reported: how often borrowed and fresh agree on the next token (argmax) and on the
+    greedy first line, and the exact first lines of each."""
     from inference.model_store import load_model
     from kv_cache.edits import TextEdit
     from lsp_server.completer import Completer
@@ -186,7 +192,7 @@ def in_process(model_name: str, cache: Path | None, files: list[PackageFile], ta
     completer = Completer(model)
     by_path = {(f.package, f.path): f for f in files}
     same_token = same_line = n = 0
-    exact = {"off": 0, "borrowed": 0, "fresh": 0}
+    exact = {"off": 0, "borrowed": 0, "fresh": 0, "oracle": 0}
     for cross in targets:
         target = cross.target
         needed = {uri_of(f): f for f in [by_path[(target.source, target.name)], *(
@@ -216,6 +222,9 @@ def in_process(model_name: str, cache: Path | None, files: list[PackageFile], ta
             lines["borrowed"] = _greedy_line(model, ctx.cache, ctx.logits)
             lines["fresh"] = _greedy_line(model, fresh, fresh_logits)
             same_line += lines["borrowed"] == lines["fresh"]
+            ids = [*_oracle_context(model.tokenizer, cross, by_path, tokens), *doc.cache().ids[:ctx.prefix_rows].tolist()]
+            fresh = DecodeCache.empty(model.config, len(ids) + 32)
+            lines["oracle"] = _greedy_line(model, fresh, prefill(model.decoder, fresh, ids))
             for kind, line in lines.items():
                 exact[kind] += line.strip() == target.expected.strip()
             print(f"in process {target.name}: " + " | ".join(f"{k} {v.strip()!r}" for k, v in lines.items()),
@@ -225,6 +234,28 @@ def in_process(model_name: str, cache: Path | None, files: list[PackageFile], ta
             "next_token_agreement": round(same_token / n, 4) if n else None,
             "first_line_agreement": round(same_line / n, 4) if n else None,
             "exact": {kind: round(k / n, 4) if n else None for kind, k in exact.items()}}
+
+
+def _oracle_context(tokenizer: Any, cross: CrossTarget, by_path: dict[tuple[str, str], PackageFile],
+                    budget: int) -> list[int]:
+    """The context a perfect choice would place: the chunks that define the names the target line itself uses (not
+    known at a real cursor), in the same format and budget, each at most MAX_CHUNK_TOKENS."""
+    python, ids, left = language_of("python"), [], budget
+    for path in cross.defining:
+        file = by_path.get((cross.target.source, path))
+        if file is None:
+            continue
+        body: list[int] = []
+        for chunk in code_chunks(python, file.text):
+            if chunk.names & set(cross.names):
+                chunk_ids = tokenizer.encode(file.text[chunk.start:chunk.stop] + "\n")[:MAX_CHUNK_TOKENS]
+                if len(chunk_ids) > left:
+                    break
+                body += chunk_ids
+                left -= len(chunk_ids)
+        if body:
+            ids += [tokenizer.specials.file_sep, *tokenizer.encode(path + "\n"), *body]
+    return [*ids, tokenizer.specials.file_sep, *tokenizer.encode(cross.target.name + "\n")] if ids else []
 
 
 def _greedy_line(model: Any, cache: DecodeCache, logits: np.ndarray, steps: int = 24) -> str:
@@ -242,7 +273,8 @@ def _greedy_line(model: Any, cache: DecodeCache, logits: np.ndarray, steps: int 
 
 def run_crossfile_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None, data: Path | None = None,
                         json_out: Path | None = None, limit: int = DEFAULT_LIMIT, tokens: int = DEFAULT_TOKENS,
-                        agreement_targets: int = DEFAULT_AGREEMENT) -> dict[str, Any]:
+                        agreement_targets: int = DEFAULT_AGREEMENT, served: bool = True) -> dict[str, Any]:
+    """`served`: the LSP run (without it, only the in-process phase)."""
     if limit < 1:
         raise ValueError("--limit must be at least 1")
     files = load_package_files(data)
@@ -250,9 +282,12 @@ def run_crossfile_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
     targets = sorted(crossfile_targets(files, limit), key=lambda t: (t.target.source, t.target.name, t.target.cursor))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    with tempfile.NamedTemporaryFile("w", prefix="superpie-bench-crossfile-", suffix=".log", delete=False) as log:
-        print(f"server log: {log.name}", file=sys.stderr)
-        rows, info = asyncio.run(_run(model, cache, files, targets, tokens, log))
+    rows: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"memory": None}
+    if served:
+        with tempfile.NamedTemporaryFile("w", prefix="superpie-bench-crossfile-", suffix=".log", delete=False) as log:
+            print(f"server log: {log.name}", file=sys.stderr)
+            rows, info = asyncio.run(_run(model, cache, files, targets, tokens, log))
     lsp_s = time.perf_counter() - t0
     approx = in_process(model, cache, files, targets[::max(len(targets) // agreement_targets, 1)][:agreement_targets],
                         tokens) if agreement_targets else None
@@ -271,12 +306,14 @@ def run_crossfile_bench(model: str = DEFAULT_MODEL, *, cache: Path | None = None
     }
     print(f"Cross-file context: {model}, {summary['machine'].get('cpu')} ({os.cpu_count()} cores), {len(targets)} "
           f"targets, budget {tokens} tokens")
-    print(format_table(summary["results"]))
+    if rows:
+        print(format_table(summary["results"]))
     if approx and approx["with_context"]:
         print(f"in process, {approx['with_context']} of {approx['targets']} targets with context: borrowed rows vs a "
               f"fresh encode of the same prompt agree on the next token {approx['next_token_agreement']}, on the "
               f"greedy first line {approx['first_line_agreement']}; exact first lines {approx['exact']}")
-    print(f"memory: {info['memory']}")
+    if info["memory"]:
+        print(f"memory: {info['memory']}")
     save_results(summary, json_out or DEFAULT_JSON)
     return summary
 
@@ -293,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agreement", type=int, default=DEFAULT_AGREEMENT,
                         help=f"targets (evenly drawn) for the in-process agreement of borrowed rows with a fresh "
                              f"encode ({DEFAULT_AGREEMENT}; 0: none)")
+    parser.add_argument("--no-served", dest="served", action="store_false",
+                        help="only the in-process phase, no LSP servers")
     parser.add_argument("--json", dest="json_out", type=Path, default=None, help=f"default: {DEFAULT_JSON}")
     args = parser.parse_args(argv)
     run_crossfile_bench(args.model, cache=args.cache, data=args.data, json_out=args.json_out, limit=args.limit,
-                        tokens=args.tokens, agreement_targets=args.agreement)
+                        tokens=args.tokens, agreement_targets=args.agreement, served=args.served)
     return 0
 
 

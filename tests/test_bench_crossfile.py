@@ -217,6 +217,9 @@ def test_the_benchmark_on_the_tiny_model_over_the_fixture_package(tiny_gguf: Pat
     assert summary["results"]["all"]["on"]["n"] == 4
     approx = summary["agreement"]
     assert approx["targets"] == 2 and 1 <= approx["with_context"] <= 2
-    assert 0 <= approx["next_token_agreement"] <= 1 and set(approx["exact"]) == {"off", "borrowed", "fresh"}
+    assert 0 <= approx["next_token_agreement"] <= 1 and set(approx["exact"]) == {"off", "borrowed", "fresh", "oracle"}
     assert set(summary["memory"]) == {"off", "on"}
     assert "| all | 4 |" in capsys.readouterr().out
+    alone = crossfile.run_crossfile_bench(str(tiny_gguf), cache=tiny_cache, json_out=out, limit=4, tokens=256,
+                                          agreement_targets=2, served=False)  # --no-served: the in-process phase
+    assert alone["rows"] == [] and alone["results"] == {} and alone["agreement"] == approx
